@@ -1,0 +1,168 @@
+"""Named per-layer statistics, accumulated on the fly during one calibration pass.
+
+Each statistic is a small accumulator class registered under the name that plans ask for. It sees one
+:class:`LayerBatch` at a time (the tokens that reached one MoE layer, with the routing the model really used) and
+keeps only sums, in fp64 on the model's device, so memory does not grow with the amount of calibration text.
+Everything is batched over experts: no Python loop over experts, expert pairs or tokens.
+
+Adding a statistic = one class + ``@STATISTICS.register("name")``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from ..families import MoeLayer
+from ..registry import Registry
+
+
+@dataclass
+class LayerBatch:
+    """The tokens of one forward call at one MoE layer.
+
+    ``hidden`` is the input of the experts ``[T, H]``; ``top_k_index`` / ``top_k_weights`` ``[T, k]`` are exactly
+    what the block handed to its experts; ``router_logits`` ``[T, E]`` are the router's pre-softmax scores.
+    ``expert_outputs()`` runs every expert on every token (``[E, T, H]``), computed once per batch and only when a
+    statistic asks for it.
+    """
+
+    layer: MoeLayer
+    hidden: torch.Tensor
+    top_k_index: torch.Tensor
+    top_k_weights: torch.Tensor
+    router_logits: torch.Tensor | None
+    _outputs: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.hidden.shape[0])
+
+    def expert_outputs(self) -> torch.Tensor:
+        if self._outputs is None:
+            self._outputs = self.layer.run_experts(self.hidden)
+        return self._outputs
+
+    def routed_mask(self) -> torch.Tensor:
+        """``[E, T]`` boolean: expert e is in token t's top-k."""
+        num_experts = self.layer.num_experts
+        mask = torch.zeros(self.num_tokens, num_experts, dtype=torch.bool, device=self.hidden.device)
+        mask.scatter_(1, self.top_k_index, True)
+        return mask.T
+
+    def routed_weights(self) -> torch.Tensor:
+        """``[E, T]`` routing weight of expert e on token t (0 where it was not chosen)."""
+        dense = torch.zeros(self.num_tokens, self.layer.num_experts, device=self.hidden.device)
+        dense.scatter_(1, self.top_k_index, self.top_k_weights.float())
+        return dense.T
+
+
+class Statistic:
+    """Base accumulator. Subclasses set ``needs_outputs`` / ``needs_logits`` and fill ``self.sums``."""
+
+    needs_outputs: ClassVar[bool] = False
+    needs_logits: ClassVar[bool] = False
+
+    def __init__(self, layer: MoeLayer, device: torch.device) -> None:
+        self.layer = layer
+        self.device = device
+        self.sums: dict[str, torch.Tensor] = {}
+
+    def _add(self, name: str, value: torch.Tensor) -> None:
+        value = value.to(torch.float64)
+        if name in self.sums:
+            self.sums[name] += value
+        else:
+            self.sums[name] = value.clone()
+
+    def update(self, batch: LayerBatch) -> None:
+        raise NotImplementedError
+
+    def result(self) -> dict[str, torch.Tensor]:
+        return {k: v.cpu() for k, v in self.sums.items()}
+
+
+STATISTICS: Registry[type[Statistic]] = Registry("statistic")
+
+
+@STATISTICS.register("frequency")
+class Frequency(Statistic):
+    """Eq. 6 of Sub-MoE / HC-SMoE's usage: ``counts[e]`` = tokens whose top-k holds e (the model's real top-k),
+    ``weight_sum[e]`` = summed routing weight, ``tokens`` = tokens seen. Frequency = counts / tokens.
+    """
+
+    def update(self, batch: LayerBatch) -> None:
+        num_experts = batch.layer.num_experts
+        idx = batch.top_k_index.reshape(-1)
+        self._add("counts", torch.bincount(idx, minlength=num_experts))
+        w = torch.zeros(num_experts, dtype=torch.float64, device=idx.device)
+        w.index_add_(0, idx, batch.top_k_weights.reshape(-1).to(torch.float64))
+        self._add("weight_sum", w)
+        self._add("tokens", torch.tensor(batch.num_tokens))
+
+
+@STATISTICS.register("router_logits")
+class RouterLogits(Statistic):
+    """Sum and Gram matrix of the router logits over tokens. Each expert's feature is its logit column over all
+    calibration tokens (MC-SMoE's router-logit similarity); the Gram ``[E, E]`` gives all cosines at once.
+    """
+
+    needs_logits = True
+
+    def update(self, batch: LayerBatch) -> None:
+        logits = batch.router_logits.to(torch.float64)
+        self._add("sum", logits.sum(0))
+        self._add("gram", logits.T @ logits)
+        self._add("tokens", torch.tensor(batch.num_tokens))
+
+
+@STATISTICS.register("expert_output_mean")
+class ExpertOutputMean(Statistic):
+    """HC-SMoE's feature: each expert's output averaged over *all* calibration tokens of the layer, ``[E, H]``."""
+
+    needs_outputs = True
+
+    def update(self, batch: LayerBatch) -> None:
+        self._add("sum", batch.expert_outputs().sum(1))
+        self._add("tokens", torch.tensor(batch.num_tokens))
+
+
+@STATISTICS.register("expert_output_cosine")
+class ExpertOutputCosine(Statistic):
+    """Sub-MoE eq. 2: Σ_t cos(E_i(x_t), E_j(x_t)) over all tokens, as one batched product of per-token-normalised
+    outputs, ``[E, E]``; divide by ``tokens`` for the mean."""
+
+    needs_outputs = True
+
+    def update(self, batch: LayerBatch) -> None:
+        y = torch.nn.functional.normalize(batch.expert_outputs(), dim=-1)  # [E, T, H]
+        self._add("sum", torch.einsum("eth,fth->ef", y, y))
+        self._add("tokens", torch.tensor(batch.num_tokens))
+
+
+@STATISTICS.register("routed_output_norm")
+class RoutedOutputNorm(Statistic):
+    """Per expert, over the tokens routed to it: Σ‖E_e(x)‖ (``norm_sum``, the output-norm pruning criterion) and
+    Σ g_e(x)·‖E_e(x)‖ (``weighted_norm_sum``, REAP's saliency), with ``counts`` to average them."""
+
+    needs_outputs = True
+
+    def update(self, batch: LayerBatch) -> None:
+        norms = batch.expert_outputs().norm(dim=-1)  # [E, T]
+        mask = batch.routed_mask()
+        self._add("norm_sum", (norms * mask).sum(1))
+        self._add("weighted_norm_sum", (norms * batch.routed_weights()).sum(1))
+        self._add("counts", mask.sum(1))
+
+
+@STATISTICS.register("input_cov")
+class InputCovariance(Statistic):
+    """Per expert, Σ x xᵀ over the tokens routed to it, ``[E, H, H]`` in fp64 (Sub-MoE† whitening, eq. 10)."""
+
+    def update(self, batch: LayerBatch) -> None:
+        x = batch.hidden.to(torch.float64)
+        mask = batch.routed_mask().to(torch.float64)  # [E, T]
+        self._add("sum", torch.einsum("et,th,tg->ehg", mask, x, x))
+        self._add("counts", mask.sum(1))

@@ -1,0 +1,199 @@
+"""The ``moemerge`` command line: a thin layer that turns options into a :class:`Recipe` and calls the API.
+
+Options of ``merge`` are generated from the recipe's fields, so the CLI, YAML recipes and the Python API can never
+disagree: ``--num-average-groups`` and ``--num_average_groups`` both set ``num_average_groups``, and each option's
+help is the field's one-line description.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import typing
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from .errors import MoemergeError
+from .recipe import Recipe
+
+
+def _click_type(name: str, annotation) -> tuple[Any, bool]:
+    """(click type, multiple) for a recipe field."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    base = args[0] if args else annotation
+    if typing.get_origin(base) is list:
+        return str, True
+    if typing.get_origin(base) is typing.Literal:
+        return click.Choice(typing.get_args(base)), False
+    return {int: int, float: float, bool: bool}.get(base, str), False
+
+
+def recipe_options(skip: tuple[str, ...] = ()) -> Callable:
+    """Decorator adding one option per recipe field (both dash and underscore spellings)."""
+
+    def deco(fn: Callable) -> Callable:
+        for name, info in reversed(list(Recipe.model_fields.items())):
+            if name in skip:
+                continue
+            ctype, multiple = _click_type(name, info.annotation)
+            dashed, under = "--" + name.replace("_", "-"), "--" + name
+            decls = [dashed] if dashed == under else [dashed, under]
+            help_text = info.description or ""
+            if name in _METHOD_FIELDS:
+                help_text += f" [{'|'.join(_METHOD_FIELDS[name]())}]"
+            if ctype is bool:
+                flags = [f"{dashed}/--no-{name.replace('_', '-')}"]
+                fn = click.option(*flags, name, default=None, help=help_text)(fn)
+            else:
+                fn = click.option(*decls, name, type=ctype, multiple=multiple, default=None,
+                                  help=help_text)(fn)
+        return fn
+
+    return deco
+
+
+def _method_names(field: str) -> Callable[[], list[str]]:
+    def names() -> list[str]:
+        from .methods import REGISTRIES
+
+        return REGISTRIES[field].names()
+
+    return names
+
+
+_METHOD_FIELDS = {f: _method_names(f) for f in ("dominant", "similarity_base", "cluster", "linkage", "merge",
+                                                "router", "router_adapt")}
+
+
+def _given(options: dict) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in options.items()
+            if v is not None and v != ()}
+
+
+def _fail(exc: Exception) -> None:
+    click.echo(f"error: {exc}", err=True)
+    sys.exit(2)
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
+    if not verbose:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="moemerge")
+def main() -> None:
+    """moemerge: merge and prune the experts of Mixture-of-Experts language models, without retraining."""
+
+
+@main.command(context_settings={"max_content_width": 120})
+@click.argument("model", required=False)
+@click.option("--output", "-o", "output", help="Output folder (same as --output-path).")
+@click.option("--recipe", "recipe_file", help="Recipe YAML file or preset name; options given here override it.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@click.option("--verbose", "-v", is_flag=True, help="Log each stage.")
+@recipe_options()
+def merge(model: str | None, output: str | None, recipe_file: str | None, quiet: bool, verbose: bool,
+          **options: Any) -> None:
+    """Merge the experts of MODEL (folder or hub id) and write a checkpoint to --output."""
+    _setup_logging(verbose)
+    try:
+        overrides = _given(options)
+        if model:
+            overrides["model_path"] = model
+        if output:
+            overrides["output_path"] = output
+        recipe = Recipe.load(recipe_file, **overrides) if recipe_file else Recipe.build(overrides)
+        from .pipeline import run
+
+        result = run(recipe, progress=not quiet)
+    except MoemergeError as exc:
+        _fail(exc)
+        return
+    from .report import print_summary
+
+    print_summary(result)
+
+
+@main.command("eval", context_settings={"max_content_width": 120})
+@click.argument("model")
+@click.option("--ppl", multiple=True, required=True, help="Text to measure: file, folder, bundled:test, wikitext2, "
+                                                          "ptb, c4 (repeatable).")
+@click.option("--seq-len", "--seq_len", "seq_len", type=int, default=2048, show_default=True,
+              help="Tokens per non-overlapping window.")
+@click.option("--ppl-windows", "--ppl_windows", "ppl_windows", type=int, default=None,
+              help="Only the first N windows of each text.")
+@click.option("--eval-batch-size", "--eval_batch_size", "batch_size", type=int, default=8, show_default=True,
+              help="Windows per forward pass.")
+@click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float32", "float16"]), default="auto")
+@click.option("--device", default="auto", help="cpu, cuda or auto.")
+@click.option("--result-path", "--result_path", "result_path", default=None, help="Write the results as JSON.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+def eval_cmd(model: str, ppl: tuple[str, ...], seq_len: int, ppl_windows: int | None, batch_size: int, dtype: str,
+             device: str, result_path: str | None, quiet: bool) -> None:
+    """Perplexity of MODEL on each --ppl text."""
+    _setup_logging(False)
+    try:
+        from .evaluate import eval_texts, perplexities
+        from .loading import load_model
+
+        loaded = load_model(model, dtype, device)
+        max_pos = getattr(loaded.model.config, "max_position_embeddings", seq_len) or seq_len
+        texts = eval_texts(loaded.tokenizer, list(ppl), min(seq_len, max_pos), ppl_windows)
+        ppls = perplexities(loaded.model, texts, batch_size, progress=not quiet)
+    except MoemergeError as exc:
+        _fail(exc)
+        return
+    from .report import print_ppl_table
+
+    print_ppl_table(model, texts, ppls)
+    if result_path:
+        Path(result_path).write_text(json.dumps({"model": model, "perplexity": ppls,
+                                                 "windows": {t.name: list(t.windows.shape) for t in texts}},
+                                                indent=2))
+
+
+@main.command()
+@click.option("--model", "model_name", default=None, help="Bundled model: tiny-mixtral or tiny-qwen-moe.")
+@click.option("--output", "-o", default=None, help="Output folder (default: a temporary folder).")
+@click.option("--num-average-groups", "--num_average_groups", "groups", type=int, default=None,
+              help="Experts left per layer (default: half).")
+@click.option("--router", default="keep", show_default=True, help="keep or collapse.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+def demo(model_name: str | None, output: str | None, groups: int | None, router: str, quiet: bool) -> None:
+    """Merge a bundled tiny MoE model with the bundled text and print the before/after table (offline)."""
+    import tempfile
+
+    from . import zoo
+
+    _setup_logging(False)
+    try:
+        path = zoo.model_path(model_name or zoo.DEFAULT_MODEL)
+        if not (path / "config.json").exists():
+            raise MoemergeError(f"bundled model {path} is missing; run scripts/train_zoo.py")
+        out = output or str(Path(tempfile.mkdtemp(prefix="moemerge-demo-")) / "merged")
+        config = json.loads((path / "config.json").read_text())
+        experts = config.get("num_local_experts") or config.get("num_experts")
+        recipe = Recipe.load("hc-smoe", model_path=str(path), output_path=out, calibration="bundled",
+                             num_average_groups=groups or max(experts // 2, config["num_experts_per_tok"]),
+                             n_sentences=32, seq_len=256, ppl=["bundled:test"], ppl_windows=64, router=router,
+                             overwrite=output is not None)
+        from .pipeline import run
+
+        result = run(recipe, progress=not quiet)
+    except MoemergeError as exc:
+        _fail(exc)
+        return
+    from .report import print_summary
+
+    print_summary(result)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,39 @@
+"""Stage 5, evaluate: perplexity of the original and merged models on held-out text, as tables and JSON."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..data import hub_reachable, load_text, tokenize, windows
+from .perplexity import perplexity, window_nll
+
+__all__ = ["EvalText", "eval_texts", "default_ppl_sources", "perplexity", "window_nll", "perplexities"]
+
+
+@dataclass
+class EvalText:
+    name: str
+    description: str
+    windows: torch.Tensor
+
+
+def default_ppl_sources() -> list[str]:
+    return ["wikitext2"] if hub_reachable() else ["bundled:test"]
+
+
+def eval_texts(tokenizer, sources: list[str], seq_len: int, max_windows: int | None = None) -> list[EvalText]:
+    """Tokenize each source once into non-overlapping windows (the first ``max_windows`` when given)."""
+    out = []
+    for spec in sources:
+        src = load_text(spec)
+        w = windows(tokenize(tokenizer, src), seq_len, what=f"evaluation text {spec!r}")
+        out.append(EvalText(spec, src.description, w[:max_windows] if max_windows else w))
+    return out
+
+
+def perplexities(model: nn.Module, texts: list[EvalText], batch_size: int = 8, progress: bool = True
+                 ) -> dict[str, float]:
+    return {t.name: perplexity(model, t.windows, batch_size, progress, desc=f"ppl {t.name}") for t in texts}

@@ -1,0 +1,181 @@
+"""Everything moemerge knows about model families, as data.
+
+transformers 5 stores the routed experts of most MoE families in one fused module ``<block>.experts`` with
+``gate_up_proj [E, 2I, H]`` (rows ``[:I]`` gate, ``[I:]`` up) and ``down_proj [E, H, I]``, and a router module whose
+``weight`` is ``[E, H]`` (see ``docs/architecture.md``). A :class:`FamilySpec` says where those live and which config
+keys hold the expert count and top-k. A new family with this layout is one more ``FAMILIES.add(...)`` line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import MoemergeError
+from .registry import Registry
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """Where a family keeps its MoE pieces and how it routes.
+
+    Attributes:
+        name: registry name.
+        model_types: ``config.model_type`` values this spec handles.
+        num_experts_keys: config keys holding the routed-expert count; all present ones are rewritten on save.
+        top_k_key: config key holding top-k.
+        block_attr: attribute of a decoder layer holding the MoE block.
+        router_attr / experts_attr: attributes of the block.
+        shared_attrs: attributes of the block that belong to the shared expert (left untouched).
+        renormalize: ``"always"``, ``"never"`` or the name of the config flag (``"norm_topk_prob"``) that decides
+            whether the top-k routing weights are renormalised to sum to one.
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    num_experts_keys: tuple[str, ...]
+    top_k_key: str = "num_experts_per_tok"
+    block_attr: str = "mlp"
+    router_attr: str = "gate"
+    experts_attr: str = "experts"
+    shared_attrs: tuple[str, ...] = ()
+    renormalize: str = "always"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    # ---- config ----------------------------------------------------------------------------------------------
+    def num_experts(self, config) -> int:
+        for key in self.num_experts_keys:
+            value = getattr(config, key, None)
+            if value:
+                return int(value)
+        raise MoemergeError(f"config of {config.model_type!r} has none of {self.num_experts_keys}")
+
+    def top_k(self, config) -> int:
+        return int(getattr(config, self.top_k_key))
+
+    def renormalizes(self, config) -> bool:
+        if self.renormalize in ("always", "never"):
+            return self.renormalize == "always"
+        return bool(getattr(config, self.renormalize, False))
+
+    # ---- routing -----------------------------------------------------------------------------------------------
+    def route(self, logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Softmax → top-k (→ renormalise): the routing of every family registered here.
+
+        Returns ``(weights [T, k], indices [T, k])`` exactly as the family's router hands them to its experts.
+        """
+        probs = torch.softmax(logits.float(), dim=-1)
+        weights, indices = torch.topk(probs, top_k, dim=-1)
+        if renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights, indices
+
+    # ---- modules -----------------------------------------------------------------------------------------------
+    def moe_layers(self, model: nn.Module) -> list["MoeLayer"]:
+        decoder_layers = _decoder_layers(model)
+        out = []
+        for i, layer in enumerate(decoder_layers):
+            block = getattr(layer, self.block_attr, None)
+            if block is None or not hasattr(block, self.experts_attr):
+                continue  # a dense layer (Qwen's mlp_only_layers, DeepSeek's first_k_dense_replace)
+            out.append(MoeLayer(index=i, block=block, family=self))
+        return out
+
+
+@dataclass
+class MoeLayer:
+    """A view of one MoE block: its router, fused experts and shared expert."""
+
+    index: int
+    block: nn.Module
+    family: FamilySpec
+
+    @property
+    def router(self) -> nn.Module:
+        return getattr(self.block, self.family.router_attr)
+
+    @property
+    def experts(self) -> nn.Module:
+        return getattr(self.block, self.family.experts_attr)
+
+    @property
+    def shared(self) -> list[nn.Module]:
+        return [getattr(self.block, a) for a in self.family.shared_attrs if getattr(self.block, a, None) is not None]
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.experts.gate_up_proj.shape[0])
+
+    @property
+    def intermediate_size(self) -> int:
+        return int(self.experts.down_proj.shape[-1])
+
+    def expert_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(gate_up [E, 2I, H], down [E, H, I])`` as stored (no copy)."""
+        return self.experts.gate_up_proj.data, self.experts.down_proj.data
+
+    def run_experts(self, hidden: torch.Tensor, gate_up: torch.Tensor | None = None,
+                    down: torch.Tensor | None = None) -> torch.Tensor:
+        """Every expert on every token, batched over experts: ``[T, H] -> [E, T, H]`` in fp32.
+
+        Used for the expert-output statistics (HC-SMoE, Sub-MoE eq. 2). Matches ``experts(h, idx=e, w=1)``.
+        """
+        gu, dn = self.expert_weights()
+        gu = (gate_up if gate_up is not None else gu).float()
+        dn = (down if down is not None else dn).float()
+        inter = expert_intermediate(hidden.float(), gu, self.experts.act_fn)
+        return torch.einsum("eti,ehi->eth", inter, dn)
+
+
+def expert_intermediate(hidden: torch.Tensor, gate_up: torch.Tensor, act_fn) -> torch.Tensor:
+    """SwiGLU intermediate activations ``act(x W_gate^T) * (x W_up^T)`` of each expert: ``[T,H],[E,2I,H] -> [E,T,I]``."""
+    gu = torch.einsum("th,eoh->eto", hidden, gate_up)
+    gate, up = gu.chunk(2, dim=-1)
+    return act_fn(gate) * up
+
+
+def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+    base = getattr(model, "model", model)
+    layers = getattr(base, "layers", None)
+    if layers is None:
+        raise MoemergeError(f"cannot find decoder layers in {type(model).__name__}")
+    return layers
+
+
+FAMILIES: Registry[FamilySpec] = Registry("model family")
+FAMILIES.add("mixtral", FamilySpec("mixtral", ("mixtral", "minimax"), ("num_local_experts", "num_experts")))
+FAMILIES.add(
+    "qwen2_moe",
+    FamilySpec(
+        "qwen2_moe", ("qwen2_moe",), ("num_experts",),
+        shared_attrs=("shared_expert", "shared_expert_gate"), renormalize="norm_topk_prob",
+    ),
+)
+# Same layout and routing as Qwen2-MoE minus the shared expert. Qwen3-MoE's config maps num_experts to
+# num_local_experts on save, so both keys are rewritten.
+FAMILIES.add("qwen3_moe", FamilySpec("qwen3_moe", ("qwen3_moe",), ("num_experts", "num_local_experts"),
+                                     renormalize="norm_topk_prob"))
+FAMILIES.add("olmoe", FamilySpec("olmoe", ("olmoe",), ("num_experts",), renormalize="norm_topk_prob"))
+
+
+def family_of(config) -> FamilySpec:
+    """The family spec for a config, or a one-line error naming the supported ones."""
+    model_type = getattr(config, "model_type", None)
+    for name in FAMILIES:
+        spec = FAMILIES.get(name)
+        if model_type in spec.model_types:
+            return spec
+    supported = sorted(t for n in FAMILIES for t in FAMILIES.get(n).model_types)
+    raise MoemergeError(
+        f"model_type {model_type!r} is not a supported MoE family (dense model?); supported: {', '.join(supported)}"
+    )
+
+
+def moe_layers(model: nn.Module) -> list[MoeLayer]:
+    layers = family_of(model.config).moe_layers(model)
+    if not layers:
+        raise MoemergeError(f"{type(model).__name__} has no MoE layers")
+    return layers

@@ -1,0 +1,103 @@
+"""Stage 2, group: decide which experts of each layer merge together.
+
+``dominant`` picks the grouping strategy (registry :data:`GROUPING`): ``no`` clusters the experts' features
+(``similarity_base`` × ``cluster`` × ``linkage``); other strategies register here the same way. Each returns one
+:class:`LayerPlan` per merged layer; layers before ``start_layer`` stay as they are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from ..calibrate import Stats
+from ..errors import MoemergeError
+from ..families import MoeLayer
+from ..recipe import Recipe
+from ..registry import Registry
+from .cluster import CLUSTER, LINKAGE, closest_to_centre
+from .plan import LayerPlan, MergePlan
+from .similarity import SIMILARITY
+
+__all__ = ["GROUPING", "GroupingContext", "LayerPlan", "MergePlan", "plan_groups", "CLUSTER", "LINKAGE",
+           "SIMILARITY", "uniform_targets"]
+
+
+@dataclass
+class GroupingContext:
+    """What a grouping strategy may look at."""
+
+    recipe: Recipe
+    stats: Stats
+    layers: list[MoeLayer]  # the MoE layers to merge (start_layer applied)
+    top_k: int
+    targets: dict[int, int]  # groups wanted per layer index
+
+    def features(self, layer: MoeLayer) -> np.ndarray:
+        return SIMILARITY.get(self.recipe.similarity_base).features(self.stats, layer)
+
+    def cluster(self, layer: MoeLayer, k: int, features: np.ndarray | None = None) -> np.ndarray:
+        feats = self.features(layer) if features is None else features
+        return CLUSTER.get(self.recipe.cluster)(
+            feats, k, linkage_method=self.recipe.linkage, seed=self.recipe.seed,
+            random_start_center=self.recipe.random_start_center)
+
+
+@dataclass(frozen=True)
+class GroupingStrategy:
+    run: Callable[[GroupingContext], dict[int, LayerPlan]]
+    uses_similarity: bool
+    description: str
+
+
+GROUPING: Registry[GroupingStrategy] = Registry("dominant")
+
+
+def _cluster_layers(ctx: GroupingContext) -> dict[int, LayerPlan]:
+    plans = {}
+    for layer in ctx.layers:
+        feats = ctx.features(layer)
+        labels = ctx.cluster(layer, ctx.targets[layer.index], feats)
+        plans[layer.index] = LayerPlan.from_labels(layer.index, labels, lambda g: closest_to_centre(feats, g))
+    return plans
+
+
+GROUPING.add("no", GroupingStrategy(_cluster_layers, True,
+                                    "cluster experts; the member closest to each centre is the dominant one"))
+
+
+def uniform_targets(layers: list[MoeLayer], groups: int, top_k: int) -> dict[int, int]:
+    """``num_average_groups`` in every merged layer, checked against top-k and the expert count."""
+    for layer in layers:
+        if groups > layer.num_experts:
+            raise MoemergeError(f"num_average_groups={groups} exceeds the {layer.num_experts} experts of layer "
+                                f"{layer.index}")
+    if groups < top_k:
+        raise MoemergeError(f"num_average_groups={groups} is below the model's top-k ({top_k}): every token "
+                            f"needs {top_k} distinct experts")
+    return {layer.index: groups for layer in layers}
+
+
+def merged_layers(all_layers: list[MoeLayer], start_layer: int) -> list[MoeLayer]:
+    return [layer for layer in all_layers if layer.index >= start_layer]
+
+
+def plan_groups(recipe: Recipe, stats: Stats, all_layers: list[MoeLayer], top_k: int) -> MergePlan:
+    """The plan for every MoE layer: strategy ``recipe.dominant`` on layers from ``start_layer``, identity before."""
+    layers = merged_layers(all_layers, recipe.start_layer)
+    plans = {layer.index: LayerPlan.identity(layer.index, layer.num_experts) for layer in all_layers}
+    if recipe.num_average_groups is None or not layers:
+        return MergePlan(plans)
+    targets = uniform_targets(layers, recipe.num_average_groups, top_k)
+    ctx = GroupingContext(recipe, stats, layers, top_k, targets)
+    plans.update(GROUPING.get(recipe.dominant).run(ctx))
+    return MergePlan(plans)
+
+
+def needed_statistics(recipe: Recipe) -> list[str]:
+    names = ["frequency"]
+    if recipe.num_average_groups is not None and GROUPING.get(recipe.dominant).uses_similarity:
+        names += SIMILARITY.get(recipe.similarity_base).needs
+    return names

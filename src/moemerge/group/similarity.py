@@ -1,0 +1,81 @@
+"""Expert features to compare when grouping (``similarity_base``).
+
+Each entry turns one layer's statistics into a feature matrix ``[E, D]`` whose Euclidean geometry is the one the
+method compares experts with. Where the natural feature is huge (router-logit columns over all tokens, flattened
+weights), we keep only its Gram matrix ``G = F Fᵀ`` and embed it as ``V Λ^½`` (eigendecomposition of G): an ``[E, E]``
+matrix with exactly the same pairwise distances and inner products, so k-means, every linkage and Ward's criterion
+give the same answer as on the full features.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..calibrate import Stats
+from ..families import MoeLayer
+from ..registry import Registry
+
+
+@dataclass(frozen=True)
+class SimilarityBase:
+    needs: tuple[str, ...]
+    features: Callable[[Stats, MoeLayer], np.ndarray]
+    description: str
+
+
+SIMILARITY: Registry[SimilarityBase] = Registry("similarity_base")
+
+
+def gram_embedding(gram: torch.Tensor) -> np.ndarray:
+    """Rows ``X`` with ``X Xᵀ = gram`` (negative eigenvalues from round-off clipped to 0)."""
+    g = gram.to(torch.float64)
+    g = (g + g.T) / 2
+    evals, evecs = torch.linalg.eigh(g)
+    return (evecs * evals.clamp_min(0).sqrt()).numpy()
+
+
+def _expert_output(stats: Stats, layer: MoeLayer) -> np.ndarray:
+    s = stats.get(layer.index, "expert_output_mean")
+    return (s["sum"] / s["tokens"].clamp_min(1)).numpy()
+
+
+def _router_logits(stats: Stats, layer: MoeLayer) -> np.ndarray:
+    s = stats.get(layer.index, "router_logits")
+    # Columns scaled by 1/sqrt(T): distances become RMS differences of logits, independent of how many tokens.
+    return gram_embedding(s["gram"] / s["tokens"].clamp_min(1))
+
+
+def weight_gram(layer: MoeLayer, chunk: int = 1 << 22) -> torch.Tensor:
+    """Gram matrix of the experts' flattened (gate, up, down) weights, accumulated in chunks in fp64."""
+    gate_up, down = layer.expert_weights()
+    num_experts = gate_up.shape[0]
+    gram = torch.zeros(num_experts, num_experts, dtype=torch.float64)
+    for t in (gate_up.reshape(num_experts, -1), down.reshape(num_experts, -1)):
+        for s in range(0, t.shape[1], chunk):
+            block = t[:, s:s + chunk].to(torch.float64).cpu()
+            gram += block @ block.T
+    return gram
+
+
+def _weight(stats: Stats, layer: MoeLayer) -> np.ndarray:
+    return gram_embedding(weight_gram(layer))
+
+
+def _expert_output_cosine(stats: Stats, layer: MoeLayer) -> np.ndarray:
+    # Sub-MoE eq. 2/3: each expert's feature is its per-token-normalised output collection; ‖Ŷ_i − Ŷ_j‖² over the
+    # collection is 2T(1 − Sim_ij), so the Gram of mean cosines embeds it exactly (up to the constant T).
+    s = stats.get(layer.index, "expert_output_cosine")
+    return gram_embedding(s["sum"] / s["tokens"].clamp_min(1))
+
+
+SIMILARITY.add("expert-output", SimilarityBase(("expert_output_mean",), _expert_output,
+                                               "mean output of each expert over all calibration tokens (HC-SMoE)"))
+SIMILARITY.add("router-logits", SimilarityBase(("router_logits",), _router_logits,
+                                               "each expert's router-logit column over calibration tokens (MC-SMoE)"))
+SIMILARITY.add("weight", SimilarityBase((), _weight, "flattened gate, up and down weights"))
+SIMILARITY.add("expert-output-cosine", SimilarityBase(("expert_output_cosine",), _expert_output_cosine,
+                                                      "per-token cosine of expert outputs (Sub-MoE eq. 2)"))

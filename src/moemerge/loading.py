@@ -1,0 +1,122 @@
+"""Loading models and tokenizers from a local folder or the Hugging Face hub (the I/O edge of the pipeline)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import MoemergeError
+from .families import family_of, moe_layers
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    """A model with what the later stages need to know about where it came from."""
+
+    model: nn.Module
+    tokenizer: object
+    source: str  # folder or hub id
+    local_dir: Path | None  # folder holding config.json, when there is one
+    fingerprint: str
+
+
+def resolve_dtype(name: str | None) -> torch.dtype | str:
+    if name in (None, "auto"):
+        return "auto"
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise MoemergeError(f"unknown dtype {name!r}; valid choices: auto, {', '.join(DTYPES)}") from None
+
+
+def resolve_device(name: str | None) -> str:
+    if name in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise MoemergeError(f"device {name!r} requested but CUDA is not available")
+    return name
+
+
+def _looks_like_hub_id(source: str) -> bool:
+    parts = source.split("/")
+    return len(parts) == 2 and all(parts) and not source.startswith((".", "/", "~"))
+
+
+def load_model(source: str, dtype: str | None = "auto", device: str | None = "auto",
+               device_map: str | None = None) -> LoadedModel:
+    """Load a causal-LM MoE checkpoint and its tokenizer.
+
+    Args:
+        source: a local folder or a hub id (``mistralai/Mixtral-8x7B-v0.1``).
+        dtype: ``auto`` (the checkpoint's), ``bfloat16`` or ``float32``.
+        device: ``cpu``, ``cuda`` or ``auto``; ignored when ``device_map`` is given.
+        device_map: passed to ``from_pretrained`` (``auto`` spreads a large model over several GPUs).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(source).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise MoemergeError(f"model folder {source!r} has no config.json")
+        local_dir: Path | None = path
+    elif _looks_like_hub_id(source):
+        local_dir = None
+    else:
+        raise MoemergeError(f"model {source!r} is neither a local folder nor a hub id (owner/name)")
+    try:
+        config = AutoConfig.from_pretrained(str(path) if local_dir else source)
+    except (OSError, ValueError) as exc:  # offline hub, unknown repo, malformed config
+        raise MoemergeError(f"cannot load config of {source!r}: {str(exc).splitlines()[0]}") from None
+    family_of(config)  # fail on dense / unsupported models before loading any weight
+    kwargs: dict = {"dtype": resolve_dtype(dtype)}
+    if device_map:
+        kwargs["device_map"] = device_map
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path) if local_dir else source, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(str(path) if local_dir else source)
+    except (OSError, ValueError) as exc:
+        raise MoemergeError(f"cannot load {source!r}: {str(exc).splitlines()[0]}") from None
+    if not device_map:
+        model.to(resolve_device(device))
+    model.eval()
+    moe_layers(model)
+    return LoadedModel(model, tokenizer, source, local_dir, fingerprint(model, local_dir, source))
+
+
+def fingerprint(model: nn.Module, local_dir: Path | None = None, source: str = "") -> str:
+    """A short hash that changes when the weights change, used to key the statistics cache.
+
+    For a folder it hashes config.json and each safetensors file's name, size and header (the header lists every
+    tensor with its byte offsets, so any change in shapes or files shows). Models that only exist in memory are
+    hashed from the config and a checksum of every MoE tensor.
+    """
+    h = hashlib.sha256()
+    if local_dir is not None:
+        h.update((local_dir / "config.json").read_bytes())
+        for f in sorted(local_dir.glob("*.safetensors")):
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}:{int(st.st_mtime)}".encode())
+            with open(f, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                h.update(fh.read(min(n, 1 << 24)))
+    else:
+        h.update(source.encode())
+        h.update(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+        for layer in moe_layers(model):
+            for t in (*layer.expert_weights(), layer.router.weight.data):
+                t64 = t.double()
+                h.update(f"{t64.sum().item():.10e}:{t64.abs().sum().item():.10e}".encode())
+    return h.hexdigest()[:16]
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("MOEMERGE_CACHE", Path.home() / ".cache" / "moemerge"))

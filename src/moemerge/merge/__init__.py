@@ -1,0 +1,90 @@
+"""Stage 3, merge: turn each group of experts into one expert.
+
+A merge method is a pure function on tensors (registry :data:`MERGE`): it receives one group's stacked weights in
+fp32 (``gate_up [n, 2I, H]``, ``down [n, H, I]``), the members' frequencies and the layer's statistics, and returns
+one ``(gate_up [2I, H], down [H, I])``. :func:`merge_layer` applies it group by group and casts back to the model's
+dtype once. Methods live one per file in this package.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..calibrate import Stats
+from ..families import MoeLayer
+from ..group.plan import LayerPlan
+from ..registry import Registry
+
+
+@dataclass
+class GroupInputs:
+    """One group to merge. ``dominant`` is the dominant member's position in the group."""
+
+    gate_up: torch.Tensor
+    down: torch.Tensor
+    frequency: torch.Tensor
+    dominant: int = 0
+    members: list[int] = field(default_factory=list)
+    mode: str = "normal"
+    layer: MoeLayer | None = None
+    stats: Stats | None = None
+
+    @property
+    def size(self) -> int:
+        return int(self.gate_up.shape[0])
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    fn: Callable[[GroupInputs], tuple[torch.Tensor, torch.Tensor]]
+    needs: tuple[str, ...] = ()
+    description: str = ""
+
+
+MERGE: Registry[MergeMethod] = Registry("merge")
+
+
+def frequency_weights(frequency: torch.Tensor) -> torch.Tensor:
+    """α_i = f_i / Σ f (Sub-MoE eq. 7, HC-SMoE's freq merge); uniform when no member was ever routed.
+
+    The reference HC-SMoE code divides by Σf + 1e-7 and so zeroes every group whose members were never counted,
+    singletons included.
+    """
+    f = frequency.to(torch.float64).clamp_min(0)
+    total = f.sum()
+    if total <= 0:
+        return torch.full_like(f, 1.0 / len(f))
+    return f / total
+
+
+def weighted_average(inputs: GroupInputs, alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    a = alpha.to(inputs.gate_up)
+    return torch.einsum("n,noh->oh", a, inputs.gate_up), torch.einsum("n,nhi->hi", a, inputs.down)
+
+
+def merge_layer(layer: MoeLayer, plan: LayerPlan, method: str, stats: Stats, mode: str = "normal"
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merged experts of one layer in plan order: ``gate_up [G, 2I, H]``, ``down [G, H, I]`` in the layer's dtype."""
+    fn = MERGE.get(method).fn
+    gate_up, down = layer.expert_weights()
+    freq = stats.frequency(layer.index)
+    out_gu, out_dn = [], []
+    for members, dom in zip(plan.groups, plan.dominant):
+        idx = torch.tensor(members, device=gate_up.device)
+        if len(members) == 1:
+            # A group of one is its expert, whatever the method: no round trip through fp32 arithmetic.
+            out_gu.append(gate_up[members[0]])
+            out_dn.append(down[members[0]])
+            continue
+        inputs = GroupInputs(gate_up[idx].float(), down[idx].float(), freq[members], members.index(dom),
+                             members, mode, layer, stats)
+        gu, dn = fn(inputs)
+        out_gu.append(gu.to(gate_up.dtype))
+        out_dn.append(dn.to(down.dtype))
+    return torch.stack(out_gu), torch.stack(out_dn)
+
+
+from . import average  # noqa: E402,F401  (registers the methods)

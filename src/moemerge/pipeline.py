@@ -1,0 +1,182 @@
+"""The whole job, stage by stage: load → calibrate → group → merge → save → evaluate.
+
+:func:`merge_model` works in memory (no files written) so that a merged model can be evaluated or inspected right
+away; :func:`run` is what ``moemerge merge`` does: it validates everything it can before the expensive part, measures
+the original, merges, writes the checkpoint atomically, and measures again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .calibrate import CalibrationSettings, Stats, calibrate
+from .calibrate.cache import versions
+from .errors import MoemergeError
+from .evaluate import default_ppl_sources, eval_texts, perplexities
+from .families import family_of, moe_layers
+from .group import merged_layers, needed_statistics, plan_groups, uniform_targets
+from .group.plan import MergePlan
+from .loading import LoadedModel, load_model
+from .merge import MERGE, merge_layer
+from .recipe import Recipe
+from .save import (SaveReport, apply_plan, check_plan, count_parameters, original_config, prepare_output,
+                   save_checkpoint)
+
+LOG = logging.getLogger(__name__)
+
+
+@dataclass
+class MergeResult:
+    recipe: Recipe
+    plan: MergePlan | None
+    stats: Stats | None
+    parameters_before: int
+    parameters_after: int
+    timings: dict[str, float] = field(default_factory=dict)
+    ppl_before: dict[str, float] = field(default_factory=dict)
+    ppl_after: dict[str, float] = field(default_factory=dict)
+    saved: SaveReport | None = None
+    file_bytes_before: int | None = None
+
+    def summary(self) -> dict:
+        out = {
+            "recipe": self.recipe.model_dump(),
+            "parameters": {"before": self.parameters_before, "after": self.parameters_after},
+            "perplexity": {"before": self.ppl_before, "after": self.ppl_after},
+            "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
+        }
+        if self.saved:
+            out["file_bytes"] = {"before": self.file_bytes_before, "after": self.saved.file_bytes}
+            out["output"] = str(self.saved.path)
+        if self.plan:
+            out["experts_per_layer"] = self.plan.counts()
+        if self.stats:
+            out["calibration"] = {k: self.stats.meta.get(k) for k in ("calibration", "windows", "model_runs",
+                                                                      "from_cache")}
+        return out
+
+
+def calibration_settings(recipe: Recipe, model) -> CalibrationSettings:
+    max_pos = getattr(model.config, "max_position_embeddings", 2048) or 2048
+    seq_len = recipe.seq_len or min(2048, max_pos)
+    if seq_len > max_pos:
+        raise MoemergeError(f"seq_len={seq_len} exceeds the model's max_position_embeddings ({max_pos})")
+    return CalibrationSettings(recipe.calibration, recipe.n_sentences, seq_len, recipe.train_batch_size,
+                               recipe.seed, recipe.cache)
+
+
+def validate_for_model(recipe: Recipe, model) -> None:
+    """Checks that need the model's config but no calibration: run them before any expensive step."""
+    spec = family_of(model.config)
+    top_k = spec.top_k(model.config)
+    layers = merged_layers(moe_layers(model), recipe.start_layer)
+    if recipe.merge == "no" or recipe.num_average_groups is None:
+        return
+    if not layers:
+        raise MoemergeError(f"start_layer={recipe.start_layer} leaves no MoE layer to merge")
+    uniform_targets(layers, recipe.num_average_groups, top_k)
+    if recipe.router == "collapse" and recipe.start_layer > min(l.index for l in moe_layers(model)):
+        raise MoemergeError("router=collapse needs every MoE layer merged to one count; start_layer leaves "
+                            "earlier layers with all experts (use --router keep)")
+
+
+def merge_model(loaded: LoadedModel, recipe: Recipe, progress: bool = True) -> MergeResult:
+    """Merge ``loaded.model`` in place according to ``recipe`` and return what happened (no files written)."""
+    model = loaded.model
+    validate_for_model(recipe, model)
+    spec = family_of(model.config)
+    top_k = spec.top_k(model.config)
+    result = MergeResult(recipe, None, None, count_parameters(model), count_parameters(model))
+    if recipe.merge == "no" or recipe.num_average_groups is None:
+        return result
+    t0 = time.perf_counter()
+    names = needed_statistics(recipe) + list(MERGE.get(recipe.merge).needs)
+    stats = calibrate(loaded, calibration_settings(recipe, model), names, progress=progress)
+    t1 = time.perf_counter()
+    layers = moe_layers(model)
+    plan = plan_groups(recipe, stats, layers, top_k)
+    check_plan(plan, recipe.router, top_k)
+    t2 = time.perf_counter()
+    merged = {}
+    with torch.no_grad():
+        for layer in layers:
+            if not plan.layers[layer.index].is_identity:
+                merged[layer.index] = merge_layer(layer, plan.layers[layer.index], recipe.merge, stats, recipe.mode)
+        frequencies = {layer.index: stats.frequency(layer.index) for layer in layers}
+        apply_plan(model, plan, merged, frequencies, recipe.router, recipe.router_adapt)
+    t3 = time.perf_counter()
+    result.plan, result.stats = plan, stats
+    result.parameters_after = count_parameters(model)
+    result.timings.update(calibrate=t1 - t0, group=t2 - t1, merge=t3 - t2)
+    return result
+
+
+def merge_info(result: MergeResult, loaded: LoadedModel) -> dict:
+    """What ``merge_info.json`` records: the recipe, groups and dominants per layer, frequencies, provenance."""
+    info = {"moemerge_recipe": result.recipe.model_dump(), "source_model": loaded.source,
+            "source_fingerprint": loaded.fingerprint, "versions": versions()}
+    if result.plan is not None:
+        info["experts_per_layer"] = {str(k): v for k, v in result.plan.counts().items()}
+        info["plan"] = result.plan.to_json()
+    if result.stats is not None:
+        info["frequencies"] = {str(li): result.stats.frequency(li).tolist() for li in result.stats.layers}
+        info["calibration"] = {k: v for k, v in result.stats.meta.items() if k != "versions"}
+    info["parameters"] = {"before": result.parameters_before, "after": result.parameters_after}
+    return info
+
+
+def _probe(tokenizer) -> torch.Tensor:
+    ids = tokenizer("The merged model must give the same logits after it is saved and loaded again.",
+                    add_special_tokens=False, return_tensors="pt")["input_ids"]
+    return ids[:, :32]
+
+
+def run(recipe: Recipe, progress: bool = True, loaded: LoadedModel | None = None) -> MergeResult:
+    """``moemerge merge``: everything, with all input checks before the first expensive step."""
+    if not recipe.model_path and loaded is None:
+        raise MoemergeError("no model given (MODEL argument / model_path)")
+    out = prepare_output(recipe.output_path, recipe.overwrite) if recipe.merge != "no" else None
+    t0 = time.perf_counter()
+    loaded = loaded or load_model(recipe.model_path, recipe.dtype, recipe.device, recipe.device_map)
+    load_s = time.perf_counter() - t0
+    model = loaded.model
+    validate_for_model(recipe, model)
+    settings = calibration_settings(recipe, model)
+    sources = recipe.ppl if recipe.ppl is not None else default_ppl_sources()
+    sources = [] if sources in (["none"], []) else sources
+    texts = eval_texts(loaded.tokenizer, sources, recipe.eval_seq_len or settings.seq_len, recipe.ppl_windows)
+    config = original_config(loaded.source, loaded.local_dir, model)
+    file_bytes_before = None
+    if loaded.local_dir is not None:
+        from .save import folder_bytes
+
+        file_bytes_before = folder_bytes(loaded.local_dir)
+
+    t0 = time.perf_counter()
+    before = perplexities(model, texts, recipe.eval_batch_size, progress)
+    eval_before_s = time.perf_counter() - t0
+    result = merge_model(loaded, recipe, progress)
+    result.timings["load"] = load_s
+    result.timings["eval_before"] = eval_before_s
+    result.ppl_before = before
+    result.file_bytes_before = file_bytes_before
+    if out is not None:
+        t0 = time.perf_counter()
+        result.saved = save_checkpoint(model, loaded.tokenizer, out, config, merge_info(result, loaded),
+                                       _probe(loaded.tokenizer), recipe.overwrite)
+        result.timings["save"] = time.perf_counter() - t0
+    if recipe.merge != "no":
+        t0 = time.perf_counter()
+        result.ppl_after = perplexities(model, texts, recipe.eval_batch_size, progress)
+        result.timings["eval_after"] = time.perf_counter() - t0
+    result_path = Path(recipe.result_path) if recipe.result_path else (out / "eval.json" if out else None)
+    if result_path is not None:
+        result_path.parent.mkdir(parents=True, exist_ok=True)
+        result_path.write_text(json.dumps(result.summary(), indent=2))
+    return result

@@ -1,0 +1,136 @@
+"""The one recipe object shared by the CLI, the Python API, YAML files and ``merge_info.json``.
+
+Option names are those of the HC-SMoE argument document (``num_average_groups``, ``n_sentences``,
+``train_batch_size``, ``dominant``, ``similarity_base``, ``cluster``, ``linkage``, ``merge``, ...). Method-valued
+options are checked against the registries, so a new method registered anywhere is accepted here with no edit.
+The CLI generates one ``--option`` per field from this class (dashes or underscores), with the field's description
+as its one-line help.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import MoemergeError
+
+
+def _choices(registry_name: str) -> list[str]:
+    """Names registered for a method kind (imported lazily: registries fill up as their modules import)."""
+    from . import methods
+
+    return methods.REGISTRIES[registry_name].names()
+
+
+class Recipe(BaseModel):
+    """Every option of a merge run. Defaults reproduce the HC-SMoE paper (expert-output similarity, hierarchical
+    clustering with average linkage, frequency-weighted merging, router kept)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # ---- model and output -------------------------------------------------------------------------------------
+    model_path: str | None = Field(None, description="Model folder or hub id (the MODEL argument sets it too).")
+    output_path: str | None = Field(None, description="Folder to write the merged checkpoint to (created).")
+    result_path: str | None = Field(None, description="JSON file for evaluation results (default OUTPUT/eval.json).")
+    dtype: Literal["auto", "bfloat16", "float32", "float16"] = Field(
+        "auto", description="Load dtype; merging is done in fp32 and cast back once.")
+    device: str = Field("auto", description="cpu, cuda, cuda:N or auto (cuda when available).")
+    device_map: str | None = Field(None, description="from_pretrained device_map, e.g. auto for several GPUs.")
+
+    # ---- calibration ------------------------------------------------------------------------------------------
+    calibration: str | None = Field(
+        None, description="Calibration text: .jsonl/.txt file or folder, bundled[:split], c4, wikitext2 "
+                          "(default: c4 online, bundled offline).")
+    n_sentences: int = Field(32, ge=1, description="Number of calibration windows of seq_len tokens.")
+    seq_len: int | None = Field(
+        None, ge=2, description="Tokens per calibration window (default: min(2048, model's max positions)).")
+    train_batch_size: int = Field(2, ge=1, description="Calibration windows per forward pass.")
+    seed: int = Field(0, description="Seed for window sampling, k-means and random grouping.")
+    cache: bool = Field(True, description="Reuse/store calibration statistics in the cache ($MOEMERGE_CACHE).")
+
+    # ---- grouping ---------------------------------------------------------------------------------------------
+    num_average_groups: int | None = Field(
+        None, ge=1, description="Experts (groups) left per MoE layer on average; default: keep all.")
+    start_layer: int = Field(0, ge=0, description="MoE layers before this index are left untouched.")
+    dominant: str = Field("no", description="Dominant-expert choice: no (clustering), frequency, random.")
+    similarity_base: str = Field("expert-output", description="Feature compared when grouping experts.")
+    cluster: str = Field("hierarchical", description="Clustering method when dominant=no.")
+    linkage: str = Field("average", description="Hierarchical linkage: single, complete, average, ward.")
+    random_start_center: bool = Field(False, description="k-means: draw the initial centres at random.")
+
+    # ---- merging ----------------------------------------------------------------------------------------------
+    merge: str = Field("freq", description="Merging method (no = keep the original experts).")
+    mode: str = Field("normal", description="Mode of the merge method (zipit/fix-dom-same modes, or 'x,y' "
+                                            "dominant/other weights for weighted).")
+
+    # ---- router and checkpoint --------------------------------------------------------------------------------
+    router: str = Field("keep", description="keep: all router rows, slots share merged experts (exact); "
+                                            "collapse: one expert and router row per group (smaller).")
+    router_adapt: str = Field("mean", description="How a collapsed router row is made from its group's rows.")
+    overwrite: bool = Field(False, description="Replace output_path if it exists.")
+
+    # ---- evaluation -------------------------------------------------------------------------------------------
+    ppl: list[str] | None = Field(
+        None, description="Perplexity texts (files, bundled:test, wikitext2, ptb, c4); default bundled:test "
+                          "offline, wikitext2 online; 'none' skips.")
+    ppl_windows: int | None = Field(None, ge=1, description="Evaluate only the first N windows of each text.")
+    eval_seq_len: int | None = Field(None, ge=2, description="Window length for perplexity (default: seq_len).")
+    eval_batch_size: int = Field(8, ge=1, description="Batch size for evaluation.")
+    task: str | None = Field(None, description="Comma-separated lm-eval tasks to run on the merged model.")
+    num_fewshot: int = Field(0, ge=0, description="Few-shot examples for lm-eval tasks.")
+
+    # ---- validation -------------------------------------------------------------------------------------------
+    @field_validator("dominant", "similarity_base", "cluster", "linkage", "merge", "router", "router_adapt")
+    @classmethod
+    def _known(cls, value: str, info) -> str:
+        valid = _choices(info.field_name)
+        if value not in valid:
+            raise ValueError(f"unknown {info.field_name} {value!r}; valid choices: {', '.join(valid)}")
+        return value
+
+    @model_validator(mode="after")
+    def _combinations(self) -> "Recipe":
+        if "linkage" in self.model_fields_set and self.cluster != "hierarchical":
+            raise ValueError(f"linkage only applies to cluster=hierarchical (cluster is {self.cluster!r})")
+        if self.random_start_center and self.cluster != "kmeans":
+            raise ValueError("random_start_center only applies to cluster=kmeans")
+        return self
+
+    # ---- I/O --------------------------------------------------------------------------------------------------
+    @classmethod
+    def build(cls, base: dict | None = None, **overrides: Any) -> "Recipe":
+        """Validate a dict of options (keys with dashes or underscores) into a recipe, with one-line errors."""
+        data = {k.replace("-", "_"): v for k, v in {**(base or {}), **overrides}.items() if v is not None}
+        try:
+            return cls(**data)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = ".".join(str(x) for x in err["loc"]) or "recipe"
+            msg = err["msg"].removeprefix("Value error, ")
+            raise MoemergeError(f"{where}: {msg}" if err["type"] != "extra_forbidden"
+                                else f"unknown option {where!r}") from None
+
+    @classmethod
+    def load(cls, spec: str | Path, **overrides: Any) -> "Recipe":
+        """A recipe from a YAML file or a named preset (``hc-smoe``, ...), with overrides on top."""
+        from .methods import PRESETS
+
+        path = Path(spec)
+        if path.is_file():
+            try:
+                data = yaml.safe_load(path.read_text()) or {}
+            except yaml.YAMLError as exc:
+                raise MoemergeError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+            if not isinstance(data, dict):
+                raise MoemergeError(f"{path}: a recipe must be a mapping of option: value")
+        elif str(spec) in PRESETS:
+            data = dict(PRESETS.get(str(spec)))
+        else:
+            raise MoemergeError(f"recipe {str(spec)!r} is neither a file nor a preset ({', '.join(PRESETS)})")
+        return cls.build(data, **overrides)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(exclude_defaults=True), sort_keys=False)

@@ -1,0 +1,90 @@
+"""How merged experts are put back into the model (``router``), and how a collapsed router row is made
+(``router_adapt``).
+
+* ``keep`` (HC-SMoE, MC-SMoE, REAP): every original router row stays and every original expert slot holds its
+  group's merged expert. Top-k still runs over the N original logits and the weights of slots that share a merged
+  expert add up, so routing is exactly the original. Stock-loadable, same size.
+* ``collapse``: one expert and one router row per group; the config's expert count shrinks. Stock-loadable and
+  smaller, but the router is approximated (a group's probability is no longer the sum of its members').
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..errors import MoemergeError
+from ..families import MoeLayer
+from ..group.plan import LayerPlan, MergePlan
+from ..registry import Registry
+
+
+@dataclass(frozen=True)
+class Format:
+    apply: Callable[[MoeLayer, LayerPlan, torch.Tensor, torch.Tensor, torch.Tensor], None]
+    changes_count: bool
+    supports_dropping: bool
+    description: str
+
+
+FORMATS: Registry[Format] = Registry("router")
+# (router rows of the members [n, H], their frequencies [n]) -> one row [H]
+ROUTER_ADAPT: Registry[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = Registry("router_adapt")
+
+
+@ROUTER_ADAPT.register("mean")
+def mean_row(rows: torch.Tensor, frequency: torch.Tensor) -> torch.Tensor:
+    """Frequency-weighted mean of the members' router rows."""
+    from ..merge import frequency_weights
+
+    alpha = frequency_weights(frequency).to(torch.float64)
+    return (alpha[:, None] * rows.to(torch.float64)).sum(0)
+
+
+def _set_param(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    old = getattr(module, name)
+    setattr(module, name, nn.Parameter(value.to(device=old.device, dtype=old.dtype).contiguous(),
+                                       requires_grad=False))
+
+
+def apply_keep(layer: MoeLayer, plan: LayerPlan, gate_up: torch.Tensor, down: torch.Tensor,
+               frequency: torch.Tensor, adapt: str = "mean") -> None:
+    index = torch.tensor(plan.group_of(), device=gate_up.device)
+    _set_param(layer.experts, "gate_up_proj", gate_up[index])
+    _set_param(layer.experts, "down_proj", down[index])
+
+
+def apply_collapse(layer: MoeLayer, plan: LayerPlan, gate_up: torch.Tensor, down: torch.Tensor,
+                   frequency: torch.Tensor, adapt: str = "mean") -> None:
+    fn = ROUTER_ADAPT.get(adapt)
+    weight = layer.router.weight.data
+    rows = torch.stack([fn(weight[g], frequency[g]) for g in plan.groups])
+    _set_param(layer.experts, "gate_up_proj", gate_up)
+    _set_param(layer.experts, "down_proj", down)
+    _set_param(layer.router, "weight", rows)
+    for module in (layer.experts, layer.router):
+        module.num_experts = plan.num_groups
+
+
+FORMATS.add("keep", Format(apply_keep, changes_count=False, supports_dropping=False,
+                           description="all router rows kept; slots share their group's merged expert (exact)"))
+FORMATS.add("collapse", Format(apply_collapse, changes_count=True, supports_dropping=True,
+                               description="one expert and router row per group (smaller, stock-loadable)"))
+
+
+def check_plan(plan: MergePlan, router: str, top_k: int) -> None:
+    """Refuse, before any work is written, a plan that the chosen format cannot save as a loadable model."""
+    fmt = FORMATS.get(router)
+    if not fmt.supports_dropping and any(p.dropped for p in plan.layers.values()):
+        raise MoemergeError(f"router={router} keeps every expert slot, so it cannot drop experts; use "
+                            f"--router collapse for pruning")
+    if fmt.changes_count:
+        counts = set(plan.counts().values())
+        if len(counts) > 1:
+            raise MoemergeError(f"router={router} needs the same expert count in every MoE layer (stock configs "
+                                f"hold one count), got {sorted(counts)}; use --router keep")
+        if min(counts) < top_k:
+            raise MoemergeError(f"{min(counts)} experts per layer is below the model's top-k ({top_k})")

@@ -1,0 +1,24 @@
+"""The bundled default: a small text corpus and tiny MoE checkpoints trained on it (``scripts/train_zoo.py``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import MoemergeError
+
+ROOT = Path(__file__).resolve().parent
+MODELS = {"tiny-mixtral": "Mixtral-style, 8 experts, top-2, trained from scratch",
+          "tiny-qwen-moe": "Qwen1.5-MoE-style, 16 fine-grained experts, top-4, shared expert, upcycled"}
+DEFAULT_MODEL = "tiny-mixtral"
+
+
+def model_path(name: str = DEFAULT_MODEL) -> Path:
+    if name not in MODELS:
+        raise MoemergeError(f"unknown bundled model {name!r}; valid choices: {', '.join(MODELS)}")
+    return ROOT / "models" / name
+
+
+def corpus_path(split: str = "train") -> Path:
+    if split not in ("train", "validation", "test"):
+        raise MoemergeError(f"unknown corpus split {split!r}; valid choices: train, validation, test")
+    return ROOT / "data" / "corpus" / f"{split}.jsonl"

@@ -1,0 +1,94 @@
+"""Shared fixtures: tiny random MoE models built in memory (one per family), a tiny tokenizer, and local text.
+
+Nothing here downloads anything: tests run with the hub switched off.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+torch.set_num_threads(2)
+
+TEXT = [
+    "In the beginning God created the heaven and the earth. And the earth was without form, and void; and darkness "
+    "was upon the face of the deep.",
+    "def fibonacci(n):\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    return a\n",
+    "The json module exposes an API familiar to users of the standard library marshal and pickle modules.",
+    "import os\nimport sys\n\nclass Config(dict):\n    def __getattr__(self, name):\n        return self[name]\n",
+    "And God said, Let there be light: and there was light. And God saw the light, that it was good.",
+] * 20
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    os.environ["MOEMERGE_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(TEXT, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>")
+
+
+def make_model(family: str, vocab_size: int = 300, seed: int = 0, **overrides):
+    """A tiny random MoE model of the family, fp32, eval mode."""
+    from transformers import MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    common = dict(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=1, max_position_embeddings=128, tie_word_embeddings=False,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    if family == "mixtral":
+        cfg = MixtralConfig(**{**common, "intermediate_size": 48, "num_local_experts": 8, "num_experts_per_tok": 2,
+                               **overrides})
+        cls = MixtralForCausalLM
+    else:
+        cfg = Qwen2MoeConfig(**{**common, "intermediate_size": 64, "moe_intermediate_size": 24, "num_experts": 8,
+                                "num_experts_per_tok": 4, "shared_expert_intermediate_size": 48,
+                                "norm_topk_prob": False, "decoder_sparse_step": 1, "mlp_only_layers": [],
+                                **overrides})
+        cls = Qwen2MoeForCausalLM
+    torch.manual_seed(seed)
+    model = cls(cfg).eval()
+    with torch.no_grad():  # larger router weights than the init gives, so routing is far from uniform
+        for name, p in model.named_parameters():
+            if name.endswith("gate.weight") and "shared" not in name:
+                p.normal_(0, 0.5)
+    return model
+
+
+FAMILIES = ["mixtral", "qwen2_moe"]
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory, tokenizer) -> dict[str, Path]:
+    """Each family saved as a local checkpoint folder with its tokenizer."""
+    out = {}
+    for family in FAMILIES:
+        d = tmp_path_factory.mktemp(f"tiny-{family}")
+        make_model(family, vocab_size=len(tokenizer)).save_pretrained(d)
+        tokenizer.save_pretrained(d)
+        out[family] = d
+    return out
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory) -> Path:
+    p = tmp_path_factory.mktemp("text") / "calib.jsonl"
+    p.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXT))
+    return p
