@@ -22,8 +22,9 @@ from .recipe import Recipe
 
 def _click_type(name: str, annotation) -> tuple[Any, bool]:
     """(click type, multiple) for a recipe field."""
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    base = args[0] if args else annotation
+    base = annotation
+    if typing.get_origin(annotation) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        base = next(a for a in typing.get_args(annotation) if a is not type(None))
     if typing.get_origin(base) is list:
         return str, True
     if typing.get_origin(base) is typing.Literal:
@@ -41,6 +42,7 @@ def recipe_options(skip: tuple[str, ...] = ()) -> Callable:
             ctype, multiple = _click_type(name, info.annotation)
             dashed, under = "--" + name.replace("_", "-"), "--" + name
             decls = [dashed] if dashed == under else [dashed, under]
+            decls += _ALIASES.get(name, [])
             help_text = info.description or ""
             if name in _METHOD_FIELDS:
                 help_text += f" [{'|'.join(_METHOD_FIELDS[name]())}]"
@@ -53,6 +55,9 @@ def recipe_options(skip: tuple[str, ...] = ()) -> Callable:
         return fn
 
     return deco
+
+
+_ALIASES = {"router": ["--format"]}
 
 
 def _method_names(field: str) -> Callable[[], list[str]]:
@@ -86,7 +91,7 @@ def _setup_logging(verbose: bool) -> None:
         transformers.logging.set_verbosity_error()
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
 @click.version_option(package_name="moemerge")
 def main() -> None:
     """moemerge: merge and prune the experts of Mixture-of-Experts language models, without retraining."""

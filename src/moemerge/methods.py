@@ -6,6 +6,7 @@ Importing this module imports every method module, so all registries are complet
 from __future__ import annotations
 
 from .group import CLUSTER, GROUPING, LINKAGE, SIMILARITY
+from .group.prune import PRUNE
 from .merge import MERGE
 from .registry import Registry
 from .save import FORMATS, ROUTER_ADAPT
@@ -18,6 +19,7 @@ REGISTRIES: dict[str, Registry] = {
     "merge": MERGE,
     "router": FORMATS,
     "router_adapt": ROUTER_ADAPT,
+    "prune": PRUNE,
 }
 
 # Named recipes: option values on top of the Recipe defaults. ``--recipe NAME`` loads one.

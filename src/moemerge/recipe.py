@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import MoemergeError
 
@@ -29,7 +29,7 @@ class Recipe(BaseModel):
     """Every option of a merge run. Defaults reproduce the HC-SMoE paper (expert-output similarity, hierarchical
     clustering with average linkage, frequency-weighted merging, router kept)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 
     # ---- model and output -------------------------------------------------------------------------------------
     model_path: str | None = Field(None, description="Model folder or hub id (the MODEL argument sets it too).")
@@ -62,14 +62,37 @@ class Recipe(BaseModel):
     random_start_center: bool = Field(False, description="k-means: draw the initial centres at random.")
 
     # ---- merging ----------------------------------------------------------------------------------------------
+    group_limit: int | None = Field(None, ge=1, description="Largest number of experts in one group.")
+    dynamic_group: bool = Field(False, description="Non-uniform hierarchical clustering with the per-layer counts "
+                                                   "of dominant=frequency.")
+    hierarchical_stopping_metric: str | None = Field(
+        None, description="Non-uniform hierarchical clustering over all layers, stopped at one global distance "
+                          "threshold that meets the expert budget (e.g. 'distance').")
+    overlap_metric: Literal["cosine", "kl-divergence", "wasserstein"] = Field(
+        "cosine", description="Single-shot grouping on expert outputs: overlap measure.")
+    multi_layer: int = Field(1, ge=1, description="Sub-MoE adaptive allocation: layers per joint group "
+                                                  "(1 = uniform per layer).")
+    prune: str = Field("no", description="Pruning criterion: keep the best num_average_groups experts, drop the rest.")
+
+    # ---- merging ----------------------------------------------------------------------------------------------
     merge: str = Field("freq", description="Merging method (no = keep the original experts).")
-    mode: str = Field("normal", description="Mode of the merge method (zipit/fix-dom-same modes, or 'x,y' "
-                                            "dominant/other weights for weighted).")
+    mode: str = Field("normal", description="Mode of the merge method (zipit/fix-dom-same: normal, "
+                                            "activation-with-router-logits, input-weight, all; weighted: 'x,y').")
+    ingredient: Literal["act", "weight", "act+weight"] = Field(
+        "act", description="Feature matched by zipit / fix-dom-same.")
+    data_limit: int | None = Field(None, ge=1, description="Largest number of tokens kept for zipit / fix-dom-same.")
+    partition: int = Field(1, ge=1, description="Process a layer's experts in this many parts (memory).")
+    rank_ratio: float | None = Field(None, gt=0, le=1, description="Sub-MoE†: keep this share of the merged "
+                                                                   "experts' rank (low-rank factors).")
+    whiten: bool = Field(False, description="Sub-MoE†: whiten by each expert's input covariance before truncating.")
+    sequential: bool = Field(False, description="Calibrate and merge layer by layer on the already-merged model.")
 
     # ---- router and checkpoint --------------------------------------------------------------------------------
-    router: str = Field("keep", description="keep: all router rows, slots share merged experts (exact); "
-                                            "collapse: one expert and router row per group (smaller).")
+    router: str = Field("keep", validation_alias=AliasChoices("router", "format"),
+                        description="Checkpoint format / router handling (alias --format): keep = all router rows, "
+                                    "slots share merged experts (exact); collapse = one expert and row per group.")
     router_adapt: str = Field("mean", description="How a collapsed router row is made from its group's rows.")
+    router_fit: bool = Field(False, description="Refit collapsed router rows on calibration tokens.")
     overwrite: bool = Field(False, description="Replace output_path if it exists.")
 
     # ---- evaluation -------------------------------------------------------------------------------------------
@@ -81,9 +104,11 @@ class Recipe(BaseModel):
     eval_batch_size: int = Field(8, ge=1, description="Batch size for evaluation.")
     task: str | None = Field(None, description="Comma-separated lm-eval tasks to run on the merged model.")
     num_fewshot: int = Field(0, ge=0, description="Few-shot examples for lm-eval tasks.")
+    fidelity: bool = Field(True, description="Measure KL(original || merged) and top-1 agreement on the ppl text.")
+    report: bool = Field(True, description="Write report.md with plots next to the checkpoint.")
 
     # ---- validation -------------------------------------------------------------------------------------------
-    @field_validator("dominant", "similarity_base", "cluster", "linkage", "merge", "router", "router_adapt")
+    @field_validator("dominant", "similarity_base", "cluster", "linkage", "merge", "router", "router_adapt", "prune")
     @classmethod
     def _known(cls, value: str, info) -> str:
         valid = _choices(info.field_name)

@@ -37,11 +37,35 @@ class GroupInputs:
         return int(self.gate_up.shape[0])
 
 
+@dataclass
+class MergedExpert:
+    """One merged expert. ``factors`` optionally holds low-rank factors ``{"gate"|"up"|"down": (A [O, r], B [r, I])}``
+    with ``A @ B`` equal to the dense matrix (Sub-MoE†); formats that store factors use them."""
+
+    gate_up: torch.Tensor
+    down: torch.Tensor
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+
+
+@dataclass
+class MergedLayer:
+    """A layer's merged experts in plan order: ``gate_up [G, 2I, H]``, ``down [G, H, I]`` in the model's dtype, and
+    per-group factors when the method produced them."""
+
+    gate_up: torch.Tensor
+    down: torch.Tensor
+    factors: list[dict[str, tuple[torch.Tensor, torch.Tensor]] | None] | None = None
+
+
 @dataclass(frozen=True)
 class MergeMethod:
-    fn: Callable[[GroupInputs], tuple[torch.Tensor, torch.Tensor]]
+    """``fn`` merges one group. ``needs`` names the statistics it reads; ``handles_singletons`` means groups of one
+    must go through ``fn`` too (e.g. a low-rank method factorises every expert)."""
+
+    fn: Callable[[GroupInputs], tuple[torch.Tensor, torch.Tensor] | MergedExpert]
     needs: tuple[str, ...] = ()
     description: str = ""
+    handles_singletons: bool = False
 
 
 MERGE: Registry[MergeMethod] = Registry("merge")
@@ -65,26 +89,30 @@ def weighted_average(inputs: GroupInputs, alpha: torch.Tensor) -> tuple[torch.Te
     return torch.einsum("n,noh->oh", a, inputs.gate_up), torch.einsum("n,nhi->hi", a, inputs.down)
 
 
-def merge_layer(layer: MoeLayer, plan: LayerPlan, method: str, stats: Stats, mode: str = "normal"
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Merged experts of one layer in plan order: ``gate_up [G, 2I, H]``, ``down [G, H, I]`` in the layer's dtype."""
-    fn = MERGE.get(method).fn
+def merge_layer(layer: MoeLayer, plan: LayerPlan, method: str, stats: Stats, mode: str = "normal") -> MergedLayer:
+    """Merge every group of one layer with ``method``; results in plan order, cast to the layer's dtype once."""
+    spec = MERGE.get(method)
     gate_up, down = layer.expert_weights()
     freq = stats.frequency(layer.index)
-    out_gu, out_dn = [], []
+    out_gu, out_dn, factors = [], [], []
     for members, dom in zip(plan.groups, plan.dominant):
-        idx = torch.tensor(members, device=gate_up.device)
-        if len(members) == 1:
+        if len(members) == 1 and not spec.handles_singletons:
             # A group of one is its expert, whatever the method: no round trip through fp32 arithmetic.
             out_gu.append(gate_up[members[0]])
             out_dn.append(down[members[0]])
+            factors.append(None)
             continue
+        idx = torch.tensor(members, device=gate_up.device)
         inputs = GroupInputs(gate_up[idx].float(), down[idx].float(), freq[members], members.index(dom),
                              members, mode, layer, stats)
-        gu, dn = fn(inputs)
-        out_gu.append(gu.to(gate_up.dtype))
-        out_dn.append(dn.to(down.dtype))
-    return torch.stack(out_gu), torch.stack(out_dn)
+        merged = spec.fn(inputs)
+        if not isinstance(merged, MergedExpert):
+            merged = MergedExpert(*merged)
+        out_gu.append(merged.gate_up.to(gate_up.dtype))
+        out_dn.append(merged.down.to(down.dtype))
+        factors.append(merged.factors)
+    return MergedLayer(torch.stack(out_gu), torch.stack(out_dn),
+                       factors if any(f is not None for f in factors) else None)
 
 
 from . import average  # noqa: E402,F401  (registers the methods)

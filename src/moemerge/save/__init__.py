@@ -24,8 +24,8 @@ __all__ = ["FORMATS", "ROUTER_ADAPT", "check_plan", "apply_plan", "SaveReport", 
 
 def apply_plan(model: nn.Module, plan: MergePlan, merged: dict, frequencies: dict, router: str,
                router_adapt: str) -> None:
-    """Write merged experts ``merged[layer] = (gate_up [G,2I,H], down [G,H,I])`` into the model in place, with the
-    router handled by format ``router``; updates the config's expert count when the format changes it."""
+    """Write merged experts (``merged[layer]``, a :class:`MergedLayer`) into the model in place, with the router
+    handled by format ``router``; updates the config's expert count when the format changes it."""
     from ..families import moe_layers
 
     fmt = FORMATS.get(router)
@@ -34,8 +34,7 @@ def apply_plan(model: nn.Module, plan: MergePlan, merged: dict, frequencies: dic
         layer_plan = plan.layers[layer.index]
         if layer_plan.is_identity:
             continue
-        gate_up, down = merged[layer.index]
-        fmt.apply(layer, layer_plan, gate_up, down, frequencies[layer.index], router_adapt)
+        fmt.apply(layer, layer_plan, merged[layer.index], frequencies[layer.index], router_adapt)
     if fmt.changes_count:
         count = next(iter(plan.counts().values()))
         for key in spec.num_experts_keys:

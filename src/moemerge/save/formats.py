@@ -19,12 +19,13 @@ from torch import nn
 from ..errors import MoemergeError
 from ..families import MoeLayer
 from ..group.plan import LayerPlan, MergePlan
+from ..merge import MergedLayer
 from ..registry import Registry
 
 
 @dataclass(frozen=True)
 class Format:
-    apply: Callable[[MoeLayer, LayerPlan, torch.Tensor, torch.Tensor, torch.Tensor], None]
+    apply: Callable[..., None]  # (layer, plan, merged: MergedLayer, frequency [E], router_adapt name) -> None
     changes_count: bool
     supports_dropping: bool
     description: str
@@ -50,20 +51,20 @@ def _set_param(module: nn.Module, name: str, value: torch.Tensor) -> None:
                                        requires_grad=False))
 
 
-def apply_keep(layer: MoeLayer, plan: LayerPlan, gate_up: torch.Tensor, down: torch.Tensor,
-               frequency: torch.Tensor, adapt: str = "mean") -> None:
-    index = torch.tensor(plan.group_of(), device=gate_up.device)
-    _set_param(layer.experts, "gate_up_proj", gate_up[index])
-    _set_param(layer.experts, "down_proj", down[index])
+def apply_keep(layer: MoeLayer, plan: LayerPlan, merged: MergedLayer, frequency: torch.Tensor,
+               adapt: str = "mean") -> None:
+    index = torch.tensor(plan.group_of(), device=merged.gate_up.device)
+    _set_param(layer.experts, "gate_up_proj", merged.gate_up[index])
+    _set_param(layer.experts, "down_proj", merged.down[index])
 
 
-def apply_collapse(layer: MoeLayer, plan: LayerPlan, gate_up: torch.Tensor, down: torch.Tensor,
-                   frequency: torch.Tensor, adapt: str = "mean") -> None:
+def apply_collapse(layer: MoeLayer, plan: LayerPlan, merged: MergedLayer, frequency: torch.Tensor,
+                   adapt: str = "mean") -> None:
     fn = ROUTER_ADAPT.get(adapt)
     weight = layer.router.weight.data
     rows = torch.stack([fn(weight[g], frequency[g]) for g in plan.groups])
-    _set_param(layer.experts, "gate_up_proj", gate_up)
-    _set_param(layer.experts, "down_proj", down)
+    _set_param(layer.experts, "gate_up_proj", merged.gate_up)
+    _set_param(layer.experts, "down_proj", merged.down)
     _set_param(layer.router, "weight", rows)
     for module in (layer.experts, layer.router):
         module.num_experts = plan.num_groups
