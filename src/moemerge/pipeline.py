@@ -96,7 +96,7 @@ def merge_model(loaded: LoadedModel, recipe: Recipe, progress: bool = True) -> M
     if recipe.merge == "no" or recipe.num_average_groups is None:
         return result
     t0 = time.perf_counter()
-    names = needed_statistics(recipe) + list(MERGE.get(recipe.merge).needs)
+    names = needed_statistics(recipe) + list(MERGE.get(recipe.merge).statistics(recipe))
     stats = calibrate(loaded, calibration_settings(recipe, model), names, progress=progress)
     t1 = time.perf_counter()
     layers = moe_layers(model)
@@ -107,7 +107,8 @@ def merge_model(loaded: LoadedModel, recipe: Recipe, progress: bool = True) -> M
     with torch.no_grad():
         for layer in layers:
             if not plan.layers[layer.index].is_identity:
-                merged[layer.index] = merge_layer(layer, plan.layers[layer.index], recipe.merge, stats, recipe.mode)
+                merged[layer.index] = merge_layer(layer, plan.layers[layer.index], recipe.merge, stats, recipe.mode,
+                                                     recipe=recipe)
         frequencies = {layer.index: stats.frequency(layer.index) for layer in layers}
         apply_plan(model, plan, merged, frequencies, recipe.router, recipe.router_adapt)
     t3 = time.perf_counter()

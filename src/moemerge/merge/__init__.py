@@ -9,7 +9,7 @@ dtype once. Methods live one per file in this package.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -31,6 +31,7 @@ class GroupInputs:
     mode: str = "normal"
     layer: MoeLayer | None = None
     stats: Stats | None = None
+    recipe: Any = None  # the run's Recipe, for methods with numeric options (e.g. sub-moe's rank_ratio, whiten)
 
     @property
     def size(self) -> int:
@@ -66,6 +67,12 @@ class MergeMethod:
     needs: tuple[str, ...] = ()
     description: str = ""
     handles_singletons: bool = False
+    needs_for: Callable[[Any], tuple[str, ...]] | None = None  # extra statistics that depend on the recipe
+
+    def statistics(self, recipe: Any = None) -> tuple[str, ...]:
+        """``needs`` plus what ``needs_for(recipe)`` adds (e.g. covariances only when whitening)."""
+        extra = self.needs_for(recipe) if self.needs_for is not None and recipe is not None else ()
+        return tuple(dict.fromkeys((*self.needs, *extra)))
 
 
 MERGE: Registry[MergeMethod] = Registry("merge")
@@ -89,7 +96,8 @@ def weighted_average(inputs: GroupInputs, alpha: torch.Tensor) -> tuple[torch.Te
     return torch.einsum("n,noh->oh", a, inputs.gate_up), torch.einsum("n,nhi->hi", a, inputs.down)
 
 
-def merge_layer(layer: MoeLayer, plan: LayerPlan, method: str, stats: Stats, mode: str = "normal") -> MergedLayer:
+def merge_layer(layer: MoeLayer, plan: LayerPlan, method: str, stats: Stats, mode: str = "normal",
+                recipe: Any = None) -> MergedLayer:
     """Merge every group of one layer with ``method``; results in plan order, cast to the layer's dtype once."""
     spec = MERGE.get(method)
     gate_up, down = layer.expert_weights()
@@ -104,7 +112,7 @@ def merge_layer(layer: MoeLayer, plan: LayerPlan, method: str, stats: Stats, mod
             continue
         idx = torch.tensor(members, device=gate_up.device)
         inputs = GroupInputs(gate_up[idx].float(), down[idx].float(), freq[members], members.index(dom),
-                             members, mode, layer, stats)
+                             members, mode, layer, stats, recipe)
         merged = spec.fn(inputs)
         if not isinstance(merged, MergedExpert):
             merged = MergedExpert(*merged)
@@ -116,3 +124,4 @@ def merge_layer(layer: MoeLayer, plan: LayerPlan, method: str, stats: Stats, mod
 
 
 from . import average  # noqa: E402,F401  (registers the methods)
+from . import subspace  # noqa: E402,F401  (Sub-MoE)
