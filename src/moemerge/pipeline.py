@@ -102,6 +102,9 @@ def merge_model(loaded: LoadedModel, recipe: Recipe, progress: bool = True) -> M
     layers = moe_layers(model)
     plan = plan_groups(recipe, stats, layers, top_k)
     check_plan(plan, recipe.router, top_k)
+    prepare = MERGE.get(recipe.merge).prepare
+    if prepare is not None:  # plan-aware second pass on the still-unmerged model (zipit, fix-dom-same)
+        stats = prepare(loaded, recipe, plan, stats, calibration_settings(recipe, model), progress)
     t2 = time.perf_counter()
     merged = {}
     with torch.no_grad():

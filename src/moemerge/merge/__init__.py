@@ -68,6 +68,9 @@ class MergeMethod:
     description: str = ""
     handles_singletons: bool = False
     needs_for: Callable[[Any], tuple[str, ...]] | None = None  # extra statistics that depend on the recipe
+    # Plan-aware second calibration pass (zipit, fix-dom-same): (loaded, recipe, plan, stats, settings, progress)
+    # -> Stats with what the method needs per group; the pipeline calls it after grouping, before any merge.
+    prepare: Callable[..., Any] | None = None
 
     def statistics(self, recipe: Any = None) -> tuple[str, ...]:
         """``needs`` plus what ``needs_for(recipe)`` adds (e.g. covariances only when whitening)."""
@@ -125,3 +128,4 @@ def merge_layer(layer: MoeLayer, plan: LayerPlan, method: str, stats: Stats, mod
 
 from . import average  # noqa: E402,F401  (registers the methods)
 from . import subspace  # noqa: E402,F401  (Sub-MoE)
+from . import align, weighted, zipit  # noqa: E402,F401  (HC-SMoE options, M-SMoE)
