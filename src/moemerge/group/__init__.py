@@ -92,6 +92,13 @@ def plan_groups(recipe: Recipe, stats: Stats, all_layers: list[MoeLayer], top_k:
         return MergePlan(plans)
     targets = uniform_targets(layers, recipe.num_average_groups, top_k)
     ctx = GroupingContext(recipe, stats, layers, top_k, targets)
+    if recipe.multi_layer > 1:  # Sub-MoE adaptive allocation: same total, counts chosen per block of layers
+        if not GROUPING.get(recipe.dominant).uses_similarity:
+            raise MoemergeError(f"multi_layer={recipe.multi_layer} prices clusterings, so it needs a clustering "
+                                f"grouping (dominant=no), not dominant={recipe.dominant}")
+        from .allocation import adaptive_targets
+
+        ctx.targets = adaptive_targets(ctx)
     plans.update(GROUPING.get(recipe.dominant).run(ctx))
     return MergePlan(plans)
 
