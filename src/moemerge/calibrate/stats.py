@@ -182,3 +182,16 @@ class IntermediateCovariance(Statistic):
         inter = inter * batch.routed_mask().unsqueeze(-1)
         self._add("sum", inter.transpose(1, 2) @ inter)
         self._add("counts", batch.routed_mask().sum(1))
+
+
+@STATISTICS.register("router_entropy")
+class RouterEntropy(Statistic):
+    """Σ over tokens of the entropy (nats) of the router's softmax over all experts; divide by ``tokens`` for the
+    mean. Low entropy = confident routing; log(E) = uniform."""
+
+    needs_logits = True
+
+    def update(self, batch: LayerBatch) -> None:
+        logp = torch.log_softmax(batch.router_logits.to(torch.float64), dim=-1)
+        self._add("sum", -(logp.exp() * logp).sum())
+        self._add("tokens", torch.tensor(batch.num_tokens))

@@ -1,0 +1,264 @@
+"""Bridge to lm-evaluation-harness: run multiple-choice (or any) lm-eval tasks on a model object in memory.
+
+``--task`` takes a comma-separated list whose items are
+
+* a name of the seed list (:data:`SEED_TASKS`) or any other lm-eval task / group name (needs the dataset: online,
+  or in the Hugging Face datasets cache),
+* a path to a local task YAML, or a folder of task YAMLs (every task in it runs), or
+* ``bundled:tiny_cloze``, the tiny offline task shipped with moemerge (``zoo/data/tasks``).
+
+Local YAMLs work fully offline. lm-eval resolves a relative ``data_files`` against the current directory, not the
+YAML's folder, so a YAML without ``!function`` tags is read here and handed to lm-eval as a task dict with
+absolute paths; other YAMLs go through ``include_path`` unchanged.
+
+The model is evaluated in memory (``HFLM(pretrained=model, tokenizer=tokenizer)``), so a merged model is measured
+right after merging, before or without saving it. Results keep ``acc`` and ``acc_norm`` apart, each with its stderr.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import MoemergeError
+
+LOG = logging.getLogger(__name__)
+
+#: The tasks the merging papers report (HC-SMoE / MC-SMoE / Sub-MoE zero-shot suites).
+SEED_TASKS = ("winogrande", "arc_challenge", "arc_easy", "boolq", "hellaswag", "mmlu", "openbookqa", "rte")
+#: Metrics reported per task, in this order (others that a task defines are kept in ``extra``).
+METRICS = ("acc", "acc_norm")
+BUNDLED_TASKS = Path(__file__).resolve().parent.parent / "zoo" / "data" / "tasks"
+
+
+@dataclass
+class TaskSpec:
+    """What to hand lm-eval: task names or dicts, and folders for ``include_path``."""
+
+    tasks: list[str | dict] = field(default_factory=list)
+    include_paths: list[str] = field(default_factory=list)
+    needs_defaults: bool = False  # a built-in task name: the full task index must be built (slow, ~15-30 s)
+
+    @property
+    def names(self) -> list[str]:
+        return [t["task"] if isinstance(t, dict) else t for t in self.tasks]
+
+
+class _TolerantLoader(yaml.SafeLoader):
+    """Reads lm-eval YAMLs whose custom tags (``!function``) we only need to detect, not run."""
+
+
+def _unknown_tag(loader: yaml.Loader, suffix: str, node: yaml.Node) -> Any:
+    loader.has_custom_tags = True  # type: ignore[attr-defined]
+    return f"!{suffix}"
+
+
+_TolerantLoader.add_multi_constructor("!", _unknown_tag)
+
+
+def _task_dict(path: Path) -> dict | None:
+    """The YAML as a task dict with absolute ``data_files``, or None when it must go through ``include_path``
+    (custom tags, ``include:`` of another file, or not a task)."""
+    loader = _TolerantLoader(path.read_text())
+    loader.has_custom_tags = False  # type: ignore[attr-defined]
+    try:
+        data = loader.get_single_data()
+    except yaml.YAMLError as exc:
+        raise MoemergeError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    finally:
+        loader.dispose()
+    if not isinstance(data, dict) or "task" not in data:
+        raise MoemergeError(f"{path}: not an lm-eval task YAML (no 'task:' key)")
+    if loader.has_custom_tags or "include" in data or not isinstance(data["task"], str):  # type: ignore
+        return None
+    files = (data.get("dataset_kwargs") or {}).get("data_files")
+    if files is not None:
+        def absolute(p: str) -> str:
+            q = Path(p).expanduser()
+            return str(q if q.is_absolute() else (path.parent / q).resolve())
+
+        if isinstance(files, str):
+            files = absolute(files)
+        elif isinstance(files, list):
+            files = [absolute(f) for f in files]
+        else:
+            files = {k: absolute(v) if isinstance(v, str) else [absolute(x) for x in v] for k, v in files.items()}
+        for f in [files] if isinstance(files, str) else (files if isinstance(files, list) else
+                                                         [x for v in files.values() for x in
+                                                          ([v] if isinstance(v, str) else v)]):
+            if not Path(f).exists():
+                raise MoemergeError(f"{path}: data file {f} does not exist")
+        data = {**data, "dataset_kwargs": {**data["dataset_kwargs"], "data_files": files}}
+    return data
+
+
+def _task_name(path: Path) -> str:
+    loader = _TolerantLoader(path.read_text())
+    try:
+        data = loader.get_single_data()
+    finally:
+        loader.dispose()
+    if not isinstance(data, dict) or "task" not in data:
+        raise MoemergeError(f"{path}: not an lm-eval task YAML (no 'task:' key)")
+    return str(data["task"])
+
+
+def resolve_tasks(spec: str | list[str]) -> TaskSpec:
+    """Turn ``--task`` into a :class:`TaskSpec`; local paths are checked here, before any model runs."""
+    items = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s and s.strip()]
+    if not items:
+        raise MoemergeError("no lm-eval task given")
+    out = TaskSpec()
+    for item in items:
+        if item.startswith("bundled:"):
+            name = item.split(":", 1)[1]
+            folder = BUNDLED_TASKS / name
+            if not folder.is_dir():
+                have = sorted(p.name for p in BUNDLED_TASKS.iterdir()) if BUNDLED_TASKS.is_dir() else []
+                raise MoemergeError(f"unknown bundled task {name!r}; valid choices: {', '.join(have)}")
+            item = str(folder)
+        path = Path(item).expanduser()
+        if path.suffix in (".yaml", ".yml") or path.exists():
+            if not path.exists():
+                raise MoemergeError(f"task file {item} does not exist")
+            yamls = [path] if path.is_file() else sorted(path.rglob("*.y*ml"))
+            if not yamls:
+                raise MoemergeError(f"task folder {item} holds no .yaml file")
+            for y in yamls:
+                as_dict = _task_dict(y)
+                if as_dict is not None:
+                    out.tasks.append(as_dict)
+                else:
+                    out.tasks.append(_task_name(y))
+                    if str(y.parent) not in out.include_paths:
+                        out.include_paths.append(str(y.parent))
+        else:
+            out.tasks.append(item)
+            out.needs_defaults = True
+    return out
+
+
+def task_manager(spec: TaskSpec):
+    """An lm-eval TaskManager that indexes the built-in tasks only when a built-in name was asked for."""
+    from lm_eval.tasks import TaskManager
+
+    tm = TaskManager(include_path=spec.include_paths or None, include_defaults=spec.needs_defaults)
+    known = set(tm.all_tasks)
+    for name in spec.tasks:
+        if isinstance(name, str) and name not in known:
+            hint = f" (seed list: {', '.join(SEED_TASKS)})" if spec.needs_defaults else ""
+            raise MoemergeError(f"unknown lm-eval task {name!r}{hint}")
+    return tm
+
+
+@dataclass
+class TaskResult:
+    """One task's scores: ``acc`` / ``acc_norm`` with their standard errors (None when the task lacks them)."""
+
+    task: str
+    n: int | None
+    acc: float | None = None
+    acc_stderr: float | None = None
+    acc_norm: float | None = None
+    acc_norm_stderr: float | None = None
+    extra: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"n": self.n, "acc": self.acc, "acc_stderr": self.acc_stderr, "acc_norm": self.acc_norm,
+                "acc_norm_stderr": self.acc_norm_stderr, **({"extra": self.extra} if self.extra else {})}
+
+
+def _number(x: Any) -> float | None:
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return None  # lm-eval writes "N/A" where it has no stderr
+
+
+def parse_results(results: dict) -> dict[str, TaskResult]:
+    """lm-eval's ``results`` block (``{'task': {'acc,none': .., 'acc_stderr,none': ..}}``) as TaskResults."""
+    n_samples = results.get("n-samples", {})
+    out = {}
+    for task, metrics in results["results"].items():
+        r = TaskResult(task, (n_samples.get(task) or {}).get("effective"))
+        for key, value in metrics.items():
+            if "," not in key:
+                continue
+            metric, _filter = key.split(",", 1)
+            if metric in METRICS or metric in tuple(f"{m}_stderr" for m in METRICS):
+                setattr(r, metric, _number(value))
+            elif not metric.endswith("_stderr") and _number(value) is not None:
+                r.extra[metric] = _number(value)
+        out[task] = r
+    return out
+
+
+@dataclass
+class LmEvalResult:
+    tasks: dict[str, TaskResult]
+    num_fewshot: int
+    samples: dict[str, list[dict]] | None = None  # per-item records when asked for (tests, debugging)
+
+    def to_json(self) -> dict:
+        return {"num_fewshot": self.num_fewshot, "tasks": {k: v.to_json() for k, v in self.tasks.items()}}
+
+
+def evaluate_tasks(model, tokenizer, tasks: str | list[str] | TaskSpec, num_fewshot: int = 0, batch_size: int = 8,
+                   limit: int | float | None = None, log_samples: bool = False, seed: int = 0) -> LmEvalResult:
+    """Run lm-eval tasks on ``model`` as it is in memory and return acc / acc_norm (± stderr) per task."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    spec = tasks if isinstance(tasks, TaskSpec) else resolve_tasks(tasks)
+    logging.getLogger("lm_eval").setLevel(logging.WARNING)
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
+    tm = task_manager(spec)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    try:
+        res = lm_eval.simple_evaluate(model=lm, tasks=list(spec.tasks), task_manager=tm, num_fewshot=num_fewshot,
+                                      limit=limit, log_samples=log_samples, bootstrap_iters=1000,
+                                      random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+                                      fewshot_random_seed=seed)
+    except (FileNotFoundError, ConnectionError) as exc:
+        raise MoemergeError(f"lm-eval could not load a task's data ({str(exc).splitlines()[0]}); offline, use a "
+                            f"local task YAML") from None
+    model.eval()  # HFLM leaves it in eval mode already; keep the promise explicit for callers
+    return LmEvalResult(parse_results(res), num_fewshot, res.get("samples") if log_samples else None)
+
+
+def format_rows(before: LmEvalResult | None, after: LmEvalResult | None = None) -> list[tuple[str, ...]]:
+    """Table rows ``(task, metric, before ± se, after ± se)`` for acc and acc_norm, one row per metric present."""
+    def cell(r: TaskResult | None, metric: str) -> str:
+        if r is None or getattr(r, metric) is None:
+            return "-"
+        se = getattr(r, f"{metric}_stderr")
+        return f"{getattr(r, metric):.4f}" + ("" if se is None else f" ± {se:.4f}")
+
+    names = list(dict.fromkeys([*(before.tasks if before else {}), *(after.tasks if after else {})]))
+    rows = []
+    for name in names:
+        b = before.tasks.get(name) if before else None
+        a = after.tasks.get(name) if after else None
+        for metric in METRICS:
+            if any(r is not None and getattr(r, metric) is not None for r in (b, a)):
+                rows.append((name, metric, cell(b, metric), cell(a, metric)))
+    return rows
+
+
+def print_table(title: str, before: LmEvalResult | None, after: LmEvalResult | None = None, console=None) -> None:
+    """A rich table of acc / acc_norm (± stderr): one column, or original / merged side by side."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    table = Table(title=title)
+    for col in ("task", "metric", *(("original", "merged") if after is not None else ("value",))):
+        table.add_column(col)
+    for row in format_rows(before, after):
+        table.add_row(*(row if after is not None else row[:3]))
+    console.print(table)
