@@ -83,12 +83,14 @@ def _fail(exc: Exception) -> None:
     sys.exit(2)
 
 
-def _setup_logging(verbose: bool) -> None:
+def _setup_logging(verbose: bool, quiet: bool = False) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
-    if not verbose:
-        import transformers
+    import transformers
 
+    if not verbose:
         transformers.logging.set_verbosity_error()
+    if quiet:
+        transformers.utils.logging.disable_progress_bar()
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
@@ -107,7 +109,7 @@ def main() -> None:
 def merge(model: str | None, output: str | None, recipe_file: str | None, quiet: bool, verbose: bool,
           **options: Any) -> None:
     """Merge the experts of MODEL (folder or hub id) and write a checkpoint to --output."""
-    _setup_logging(verbose)
+    _setup_logging(verbose, quiet)
     try:
         overrides = _given(options)
         if model:
@@ -143,7 +145,7 @@ def merge(model: str | None, output: str | None, recipe_file: str | None, quiet:
 def eval_cmd(model: str, ppl: tuple[str, ...], seq_len: int, ppl_windows: int | None, batch_size: int, dtype: str,
              device: str, result_path: str | None, quiet: bool) -> None:
     """Perplexity of MODEL on each --ppl text."""
-    _setup_logging(False)
+    _setup_logging(False, quiet)
     try:
         from .evaluate import eval_texts, perplexities
         from .loading import load_model
@@ -177,7 +179,7 @@ def demo(model_name: str | None, output: str | None, groups: int | None, router:
 
     from . import zoo
 
-    _setup_logging(False)
+    _setup_logging(False, quiet)
     try:
         path = zoo.model_path(model_name or zoo.DEFAULT_MODEL)
         if not (path / "config.json").exists():

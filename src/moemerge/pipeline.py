@@ -17,6 +17,7 @@ import torch
 
 from .calibrate import CalibrationSettings, Stats, calibrate
 from .calibrate.cache import versions
+from .data import load_text
 from .errors import MoemergeError
 from .evaluate import default_ppl_sources, eval_texts, perplexities
 from .families import family_of, moe_layers
@@ -146,6 +147,8 @@ def run(recipe: Recipe, progress: bool = True, loaded: LoadedModel | None = None
     if not recipe.model_path and loaded is None:
         raise MoemergeError("no model given (MODEL argument / model_path)")
     out = prepare_output(recipe.output_path, recipe.overwrite) if recipe.merge != "no" else None
+    if recipe.calibration and recipe.num_average_groups is not None and recipe.merge != "no":
+        load_text(recipe.calibration)  # a missing or empty local file fails here, before the model loads
     t0 = time.perf_counter()
     loaded = loaded or load_model(recipe.model_path, recipe.dtype, recipe.device, recipe.device_map)
     load_s = time.perf_counter() - t0
