@@ -1,0 +1,75 @@
+"""Observer throughput: tokens/s of a calibration pass against a plain forward pass over the same tokens.
+
+Run: ``python benchmarks/bench_observer.py [--model tiny-mixtral|tiny-qwen-moe|PATH] [--windows 16] [--seq-len 256]``
+
+Prints, per statistic set, tokens/s, seconds, peak RSS growth and the ratio to the plain forward pass measured in
+the same run (best of ``--repeat`` runs each, to damp the noise of a shared 2-core machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import time
+
+import torch
+
+from moemerge import zoo
+from moemerge.calibrate.observer import observe
+from moemerge.data import load_text, tokenize, windows
+from moemerge.families import moe_layers
+from moemerge.loading import load_model
+
+STAT_SETS = {
+    "frequency": ["frequency"],
+    "hc-smoe (frequency + expert outputs)": ["frequency", "expert_output_mean"],
+    "all cheap (freq, logits, outputs, cosine, norms)": ["frequency", "router_logits", "expert_output_mean",
+                                                         "expert_output_cosine", "routed_output_norm"],
+}
+
+
+def best_of(fn, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="tiny-mixtral")
+    ap.add_argument("--windows", type=int, default=16)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--repeat", type=int, default=3)
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    path = str(zoo.model_path(args.model)) if args.model in zoo.MODELS else args.model
+    loaded = load_model(path, dtype="float32", device="cpu")
+    model = loaded.model
+    wins = windows(tokenize(loaded.tokenizer, load_text("bundled:validation")), args.seq_len, args.windows, seed=0)
+    tokens = wins.numel()
+    layers = moe_layers(model)
+
+    @torch.no_grad()
+    def plain() -> None:
+        for s in range(0, len(wins), args.batch_size):
+            model(input_ids=wins[s:s + args.batch_size], use_cache=False)
+
+    plain()  # warm-up
+    base = best_of(plain, args.repeat)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(f"model {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
+          f"{len(layers)} MoE layers, {tokens} tokens ({len(wins)} × {args.seq_len}), batch {args.batch_size}")
+    print(f"{'pass':<52} {'seconds':>8} {'tokens/s':>10} {'speed':>7} {'peak RSS +MB':>13}")
+    print(f"{'plain forward':<52} {base:8.3f} {tokens / base:10.0f} {1.0:7.2f} {0:13.0f}")
+    for label, names in STAT_SETS.items():
+        t = best_of(lambda: observe(model, layers, wins, names, args.batch_size, progress=False), args.repeat)
+        rss = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
+        print(f"{label:<52} {t:8.3f} {tokens / t:10.0f} {base / t:7.2f} {rss:13.0f}")
+
+
+if __name__ == "__main__":
+    main()
