@@ -129,3 +129,4 @@ def merge_layer(layer: MoeLayer, plan: LayerPlan, method: str, stats: Stats, mod
 from . import average  # noqa: E402,F401  (registers the methods)
 from . import subspace  # noqa: E402,F401  (Sub-MoE)
 from . import align, weighted, zipit  # noqa: E402,F401  (HC-SMoE options, M-SMoE)
+from . import fit  # noqa: E402,F401  (output-fitted merge, MergeMoE)
