@@ -122,6 +122,9 @@ class Recipe(BaseModel):
             raise ValueError(f"linkage only applies to cluster=hierarchical (cluster is {self.cluster!r})")
         if self.random_start_center and self.cluster != "kmeans":
             raise ValueError("random_start_center only applies to cluster=kmeans")
+        from .group.options import check_combinations  # grouping/merging option rules (HC-SMoE options)
+
+        check_combinations(self)
         return self
 
     # ---- I/O --------------------------------------------------------------------------------------------------

@@ -99,7 +99,7 @@ def plan_groups(recipe: Recipe, stats: Stats, all_layers: list[MoeLayer], top_k:
         from .allocation import adaptive_targets
 
         ctx.targets = adaptive_targets(ctx)
-    plans.update(GROUPING.get(recipe.dominant).run(ctx))
+    plans.update(run_grouping(ctx))  # dominant strategy, or prune / dynamic / global threshold (.options)
     return MergePlan(plans)
 
 
@@ -107,4 +107,10 @@ def needed_statistics(recipe: Recipe) -> list[str]:
     names = ["frequency"]
     if recipe.num_average_groups is not None and GROUPING.get(recipe.dominant).uses_similarity:
         names += SIMILARITY.get(recipe.similarity_base).needs
+    if recipe.num_average_groups is not None:
+        names += extra_statistics(recipe)
     return names
+
+
+from . import dominant, overlap, prune  # noqa: E402,F401  (register strategies and statistics)
+from .options import extra_statistics, run_grouping  # noqa: E402

@@ -1,0 +1,136 @@
+"""How the grouping options combine: which strategy runs (:func:`run_grouping`), what statistics it needs
+(:func:`extra_statistics`), and which option combinations make sense (:func:`check_combinations`, called by the
+recipe's validator so every entry point — CLI, YAML, Python — gets the same one-line error).
+
+* ``prune`` (not ``no``): score experts and drop all but ``num_average_groups`` per layer (:mod:`.prune`).
+* ``hierarchical_stopping_metric=distance``: non-uniform hierarchical clustering of all merged layers cut at one
+  global distance threshold that meets the budget exactly (:func:`global_threshold_grouping`).
+* ``dynamic_group``: the per-layer counts of ``dominant=frequency``, then the usual clustering per layer.
+* otherwise the ``dominant`` strategy with ``num_average_groups`` groups in every layer.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.cluster.hierarchy import cut_tree, linkage
+from scipy.spatial.distance import pdist
+
+from . import GROUPING, GroupingContext
+from .budget import frequency_budget, threshold_counts
+from .cluster import LINKAGE, closest_to_centre
+from .overlap import OVERLAP_STATISTIC
+from .plan import LayerPlan
+from .prune import PRUNE, prune_plan
+
+NEURON_MERGES = ("zipit", "fix-dom-same")
+STOPPING_METRICS = ("distance",)
+
+
+def frequency_counts(ctx: GroupingContext) -> dict[int, int]:
+    """Per-layer group counts of ``dominant=frequency`` (used by ``dynamic_group``)."""
+    freqs = {layer.index: ctx.stats.frequency(layer.index).numpy() for layer in ctx.layers}
+    kept = frequency_budget(freqs, ctx.recipe.num_average_groups * len(ctx.layers), max(1, ctx.top_k))
+    return {li: len(v) for li, v in kept.items()}
+
+
+def normalised_features(features: np.ndarray) -> np.ndarray:
+    """Features divided by the layer's mean pairwise Euclidean distance, so that a merge height of 1 means "as far
+    apart as two experts of this layer typically are", whatever the layer's scale (output norms grow with depth)."""
+    x = np.asarray(features, dtype=np.float64)
+    scale = pdist(x).mean() if len(x) > 1 else 0.0
+    return x / scale if scale > 0 else x
+
+
+def global_threshold_grouping(ctx: GroupingContext) -> dict[int, LayerPlan]:
+    """One dendrogram per layer on normalised features, all cut at one global height (:func:`.budget.threshold_counts`)."""
+    feats, trees, heights = {}, {}, {}
+    for layer in ctx.layers:
+        feats[layer.index] = normalised_features(ctx.features(layer))
+        trees[layer.index] = linkage(feats[layer.index], method=LINKAGE.get(ctx.recipe.linkage), metric="euclidean")
+        heights[layer.index] = np.maximum.accumulate(trees[layer.index][:, 2])  # guard against round-off dips
+    sizes = {layer.index: layer.num_experts for layer in ctx.layers}
+    counts = threshold_counts(heights, sizes, ctx.recipe.num_average_groups * len(ctx.layers), max(1, ctx.top_k))
+    plans = {}
+    for layer in ctx.layers:
+        li, k = layer.index, counts[layer.index]
+        labels = np.arange(sizes[li]) if k == sizes[li] else cut_tree(trees[li], n_clusters=k).reshape(-1)
+        plans[li] = LayerPlan.from_labels(li, labels, lambda g, f=feats[li]: closest_to_centre(f, g))
+    return plans
+
+
+def prune_layers(ctx: GroupingContext) -> dict[int, LayerPlan]:
+    criterion = PRUNE.get(ctx.recipe.prune)
+    return {layer.index: prune_plan(layer.index, criterion.score(ctx.stats, layer.index), ctx.targets[layer.index])
+            for layer in ctx.layers}
+
+
+def run_grouping(ctx: GroupingContext) -> dict[int, LayerPlan]:
+    """The plans of the merged layers for the recipe's grouping options."""
+    recipe = ctx.recipe
+    if recipe.prune != "no":
+        return prune_layers(ctx)
+    if recipe.hierarchical_stopping_metric:
+        return global_threshold_grouping(ctx)
+    if recipe.dynamic_group:
+        ctx.targets = frequency_counts(ctx)
+    return GROUPING.get(recipe.dominant).run(ctx)
+
+
+def extra_statistics(recipe) -> list[str]:
+    """Statistics the grouping options need beyond ``frequency`` and the similarity base's own."""
+    if recipe.prune != "no":
+        return list(PRUNE.get(recipe.prune).needs)
+    if recipe.dominant == "frequency" and recipe.similarity_base == "expert-output":
+        return [OVERLAP_STATISTIC[recipe.overlap_metric]]
+    return []
+
+
+def check_combinations(recipe) -> None:
+    """Raise ``ValueError`` (one line, naming the valid choices) for options that do not apply together."""
+    given = recipe.model_fields_set
+    merge, mode = recipe.merge, recipe.mode
+    if merge in NEURON_MERGES:
+        from ..merge.zipit import MODES
+
+        if mode not in MODES:
+            raise ValueError(f"mode {mode!r} is not a mode of merge={merge}; valid choices: {', '.join(MODES)}")
+    elif merge == "weighted":
+        if mode != "normal":  # normal = 1,1 (plain average)
+            from ..errors import MoemergeError
+            from ..merge.weighted import parse_weighted_mode
+
+            try:
+                parse_weighted_mode(mode)
+            except MoemergeError as exc:
+                raise ValueError(str(exc)) from None
+    elif "mode" in given and mode != "normal":
+        raise ValueError(f"mode only applies to merge=zipit, fix-dom-same or weighted (merge is {merge!r})")
+    for name in ("ingredient", "data_limit"):
+        if name in given and getattr(recipe, name) is not None and merge not in NEURON_MERGES:
+            raise ValueError(f"{name} only applies to merge=zipit or fix-dom-same (merge is {merge!r})")
+    if recipe.prune != "no":
+        if merge not in ("freq", "no"):
+            raise ValueError(f"prune={recipe.prune} drops experts and merges nothing; merge must be freq or no "
+                             f"(got {merge!r})")
+        if recipe.dominant != "no" or recipe.dynamic_group or recipe.hierarchical_stopping_metric:
+            raise ValueError("prune keeps the best experts of every layer; dominant, dynamic_group and "
+                             "hierarchical_stopping_metric do not apply")
+        if recipe.router == "keep":
+            raise ValueError("pruning drops experts, which router=keep cannot save; use router=collapse")
+    metric = recipe.hierarchical_stopping_metric
+    if metric is not None:
+        if metric not in STOPPING_METRICS:
+            raise ValueError(f"unknown hierarchical_stopping_metric {metric!r}; valid choices: "
+                             f"{', '.join(STOPPING_METRICS)}")
+        if recipe.dominant != "no" or recipe.cluster != "hierarchical" or recipe.dynamic_group:
+            raise ValueError("hierarchical_stopping_metric needs dominant=no, cluster=hierarchical and no "
+                             "dynamic_group")
+    if recipe.dynamic_group and recipe.dominant != "no":
+        raise ValueError(f"dynamic_group clusters with the counts of dominant=frequency; it needs dominant=no "
+                         f"(got {recipe.dominant!r})")
+    if recipe.group_limit is not None and recipe.dominant not in ("frequency", "random"):
+        raise ValueError(f"group_limit applies to single-shot grouping (dominant=frequency or random), not "
+                         f"dominant={recipe.dominant!r}")
+    if "overlap_metric" in given and (recipe.dominant != "frequency" or recipe.similarity_base != "expert-output"):
+        raise ValueError("overlap_metric applies to single-shot grouping on expert outputs: dominant=frequency "
+                         "and similarity_base=expert-output")
