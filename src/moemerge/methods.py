@@ -34,3 +34,12 @@ PRESETS.add("sub-moe", {"dominant": "no", "similarity_base": "expert-output-cosi
 PRESETS.add("sub-moe-dagger", {"dominant": "no", "similarity_base": "expert-output-cosine", "cluster": "kmeans",
                                "multi_layer": 2, "merge": "sub-moe", "router": "keep", "rank_ratio": 0.5,
                                "whiten": True})
+# M-SMoE (MC-SMoE, arXiv 2310.01334, without the compression stage): router-logit similarity, globally most frequent
+# experts dominant (non-uniform counts, so router keep), neurons aligned to the dominant by weight matching, then a
+# frequency-weighted average.
+PRESETS.add("m-smoe", {"dominant": "frequency", "similarity_base": "router-logits", "merge": "aligned-freq",
+                       "router": "keep"})
+# Pruning baselines: keep num_average_groups experts per layer by score, drop the rest with their router rows.
+PRESETS.add("frequency-prune", {"prune": "frequency", "router": "collapse"})
+PRESETS.add("output-prune", {"prune": "output", "router": "collapse"})
+PRESETS.add("reap", {"prune": "reap", "router": "collapse"})  # REAP, arXiv 2510.13999
