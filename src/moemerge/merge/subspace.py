@@ -112,7 +112,7 @@ def union_svd_merge_matrix(weights: torch.Tensor, alpha: torch.Tensor, rank: int
     blocks = vh.reshape(vh.shape[0], n, in_features).permute(1, 0, 2)  # [n, r, I]: column block i is V_iᵀ
     if cov is not None:
         # De-whiten each block, V_iᵀ S_i⁻¹ (eq. 11), by a triangular solve instead of an explicit inverse.
-        blocks = torch.linalg.solve_triangular(s.transpose(-1, -2), blocks, upper=True, left=False)
+        blocks = torch.linalg.solve_triangular(s, blocks, upper=False, left=False)  # X S_i = block
     merged_v = torch.einsum("n,nri->ri", alpha.to(torch.float64), blocks)  # eq. 7
     r = sigma.shape[0] if rank is None else min(rank, sigma.shape[0])
     a = u[:, :r] * sigma[:r]  # Σ folded into U (the paper's footnote 2)
