@@ -44,6 +44,10 @@ class MergeResult:
     ppl_after: dict[str, float] = field(default_factory=dict)
     saved: SaveReport | None = None
     file_bytes_before: int | None = None
+    fidelity: dict | None = None  # evaluate.fidelity.compare: KL, top-1 agreement, generations
+    lm_eval_before: object | None = None  # evaluate.lm_eval.LmEvalResult of the original
+    lm_eval_after: object | None = None  # ... and of the merged model
+    report_path: Path | None = None
 
     def summary(self) -> dict:
         out = {
@@ -60,6 +64,13 @@ class MergeResult:
         if self.stats:
             out["calibration"] = {k: self.stats.meta.get(k) for k in ("calibration", "windows", "model_runs",
                                                                       "from_cache")}
+        if self.fidelity is not None:
+            out["fidelity"] = self.fidelity
+        if self.lm_eval_before is not None or self.lm_eval_after is not None:
+            out["lm_eval"] = {k: None if v is None else v.to_json()
+                              for k, v in (("before", self.lm_eval_before), ("after", self.lm_eval_after))}
+        if self.report_path is not None:
+            out["report"] = str(self.report_path)
         return out
 
 
@@ -158,6 +169,11 @@ def run(recipe: Recipe, progress: bool = True, loaded: LoadedModel | None = None
     sources = recipe.ppl if recipe.ppl is not None else default_ppl_sources()
     sources = [] if sources in (["none"], []) else sources
     texts = eval_texts(loaded.tokenizer, sources, recipe.eval_seq_len or settings.seq_len, recipe.ppl_windows)
+    from .evaluate import fidelity as fid
+    from .evaluate.lm_eval import evaluate_tasks, resolve_tasks
+
+    tasks = resolve_tasks(recipe.task) if recipe.task else None  # local task files are checked before any work
+    pad_id = getattr(loaded.tokenizer, "pad_token_id", None)
     config = original_config(loaded.source, loaded.local_dir, model)
     file_bytes_before = None
     if loaded.local_dir is not None:
@@ -168,7 +184,14 @@ def run(recipe: Recipe, progress: bool = True, loaded: LoadedModel | None = None
     t0 = time.perf_counter()
     before = perplexities(model, texts, recipe.eval_batch_size, progress)
     eval_before_s = time.perf_counter() - t0
+    # lm-eval and the fidelity reference need the original, which is merged in place next
+    lm_before = evaluate_tasks(model, loaded.tokenizer, tasks, recipe.num_fewshot, recipe.eval_batch_size) \
+        if tasks else None
+    fid_ref = fid.reference(model, texts[0].windows, pad_token_id=pad_id, batch_size=recipe.eval_batch_size) \
+        if recipe.fidelity and texts and recipe.merge != "no" else None
+    eval_before_s = time.perf_counter() - t0
     result = merge_model(loaded, recipe, progress)
+    result.lm_eval_before = lm_before
     result.timings["load"] = load_s
     result.timings["eval_before"] = eval_before_s
     result.ppl_before = before
@@ -186,9 +209,18 @@ def run(recipe: Recipe, progress: bool = True, loaded: LoadedModel | None = None
     if recipe.merge != "no":
         t0 = time.perf_counter()
         result.ppl_after = perplexities(model, texts, recipe.eval_batch_size, progress)
+        if fid_ref is not None:
+            result.fidelity = fid.compare(model, fid_ref, loaded.tokenizer, recipe.eval_batch_size, pad_id)
+        if tasks:
+            result.lm_eval_after = evaluate_tasks(model, loaded.tokenizer, tasks, recipe.num_fewshot,
+                                                  recipe.eval_batch_size)
         result.timings["eval_after"] = time.perf_counter() - t0
     result_path = Path(recipe.result_path) if recipe.result_path else (out / "eval.json" if out else None)
     if result_path is not None:
         result_path.parent.mkdir(parents=True, exist_ok=True)
         result_path.write_text(json.dumps(result.summary(), indent=2))
+    if recipe.report and result.saved is not None:
+        from .evaluate.report_page import write_report
+
+        result.report_path = write_report(result, result.saved.path)
     return result
