@@ -96,16 +96,17 @@ def subspace_merge_matrix(weights: torch.Tensor, alpha: torch.Tensor, rank: int 
 
 
 def union_svd_merge_matrix(weights: torch.Tensor, alpha: torch.Tensor, rank: int | None = None,
-                           cov: torch.Tensor | None = None) -> tuple[torch.Tensor, Factors]:
+                           cov: torch.Tensor | None = None,
+                           compute_dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, Factors]:
     """Sub-MoE eqs. 5–8 (and 10–12 with ``cov``) literally: union SVD, shared ``U Σ``, frequency-weighted V blocks.
 
     Slow (an ``O × nI`` SVD); kept as the reference for tests and the benchmark. Returns ``(W, (UΣ [O, r],
-    V_mergedᵀ [r, I]))``; at full rank ``r`` is the rank of the union.
+    V_mergedᵀ [r, I]))``; at full rank ``r`` is the rank of the union. ``compute_dtype`` is the SVD's precision.
     """
     n, _, in_features = weights.shape
-    w = weights.to(torch.float64)
+    w = weights.to(compute_dtype)
     if cov is not None:
-        s = whitening_factors(cov)  # [n, I, I]
+        s = whitening_factors(cov).to(compute_dtype)  # [n, I, I]
         w = w @ s  # W_i' = W_i S_i (eq. 10)
     union = torch.cat(list(w), dim=1)  # [O, nI]: concatenation along the input axis (eq. 5)
     u, sigma, vh = torch.linalg.svd(union, full_matrices=False)
@@ -113,7 +114,7 @@ def union_svd_merge_matrix(weights: torch.Tensor, alpha: torch.Tensor, rank: int
     if cov is not None:
         # De-whiten each block, V_iᵀ S_i⁻¹ (eq. 11), by a triangular solve instead of an explicit inverse.
         blocks = torch.linalg.solve_triangular(s, blocks, upper=False, left=False)  # X S_i = block
-    merged_v = torch.einsum("n,nri->ri", alpha.to(torch.float64), blocks)  # eq. 7
+    merged_v = torch.einsum("n,nri->ri", alpha.to(compute_dtype), blocks)  # eq. 7
     r = sigma.shape[0] if rank is None else min(rank, sigma.shape[0])
     a = u[:, :r] * sigma[:r]  # Σ folded into U (the paper's footnote 2)
     b = merged_v[:r]
