@@ -130,40 +130,109 @@ def merge(model: str | None, output: str | None, recipe_file: str | None, quiet:
 
 @main.command("eval", context_settings={"max_content_width": 120})
 @click.argument("model")
-@click.option("--ppl", multiple=True, required=True, help="Text to measure: file, folder, bundled:test, wikitext2, "
-                                                          "ptb, c4 (repeatable).")
+@click.option("--ppl", multiple=True, help="Text to measure: file, folder, bundled:test, wikitext2, ptb, c4 "
+                                         "(repeatable; needed unless --task is given).")
+@click.option("--task", default=None, help="Comma-separated lm-eval tasks: seed names (winogrande, arc_challenge, "
+                                           "arc_easy, boolq, hellaswag, mmlu, openbookqa, rte), any lm-eval task, "
+                                           "a task YAML or folder of YAMLs, or bundled:tiny_cloze.")
+@click.option("--num-fewshot", "--num_fewshot", "num_fewshot", type=int, default=0, show_default=True,
+              help="Few-shot examples for lm-eval tasks.")
+@click.option("--limit", type=int, default=None, help="lm-eval: only the first N items of each task.")
 @click.option("--seq-len", "--seq_len", "seq_len", type=int, default=2048, show_default=True,
               help="Tokens per non-overlapping window.")
 @click.option("--ppl-windows", "--ppl_windows", "ppl_windows", type=int, default=None,
               help="Only the first N windows of each text.")
 @click.option("--eval-batch-size", "--eval_batch_size", "batch_size", type=int, default=8, show_default=True,
-              help="Windows per forward pass.")
+              help="Windows (or lm-eval requests) per forward pass.")
 @click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float32", "float16"]), default="auto")
 @click.option("--device", default="auto", help="cpu, cuda or auto.")
 @click.option("--result-path", "--result_path", "result_path", default=None, help="Write the results as JSON.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def eval_cmd(model: str, ppl: tuple[str, ...], seq_len: int, ppl_windows: int | None, batch_size: int, dtype: str,
-             device: str, result_path: str | None, quiet: bool) -> None:
-    """Perplexity of MODEL on each --ppl text."""
+def eval_cmd(model: str, ppl: tuple[str, ...], task: str | None, num_fewshot: int, limit: int | None, seq_len: int,
+             ppl_windows: int | None, batch_size: int, dtype: str, device: str, result_path: str | None,
+             quiet: bool) -> None:
+    """Perplexity of MODEL on each --ppl text and/or lm-eval --task accuracy (acc, acc_norm ± stderr)."""
     _setup_logging(False, quiet)
     try:
+        if not ppl and not task:
+            raise MoemergeError("nothing to evaluate: give --ppl TEXT and/or --task TASK")
         from .evaluate import eval_texts, perplexities
+        from .evaluate.lm_eval import evaluate_tasks, resolve_tasks
         from .loading import load_model
 
+        tasks = resolve_tasks(task) if task else None  # bad task paths fail before the model loads
         loaded = load_model(model, dtype, device)
         max_pos = getattr(loaded.model.config, "max_position_embeddings", seq_len) or seq_len
         texts = eval_texts(loaded.tokenizer, list(ppl), min(seq_len, max_pos), ppl_windows)
         ppls = perplexities(loaded.model, texts, batch_size, progress=not quiet)
+        scores = evaluate_tasks(loaded.model, loaded.tokenizer, tasks, num_fewshot, batch_size, limit) \
+            if tasks else None
     except MoemergeError as exc:
         _fail(exc)
         return
     from .report import print_ppl_table
 
-    print_ppl_table(model, texts, ppls)
+    if texts:
+        print_ppl_table(model, texts, ppls)
+    if scores is not None:
+        from .evaluate.lm_eval import print_table
+
+        print_table(f"lm-eval on {model} ({num_fewshot}-shot)", scores)
     if result_path:
         Path(result_path).write_text(json.dumps({"model": model, "perplexity": ppls,
-                                                 "windows": {t.name: list(t.windows.shape) for t in texts}},
+                                                 "windows": {t.name: list(t.windows.shape) for t in texts},
+                                                 **({"lm_eval": scores.to_json()} if scores else {})},
                                                 indent=2))
+
+
+@main.command(context_settings={"max_content_width": 120})
+@click.argument("model")
+@click.option("--output", "-o", "output", default=None, help="Report folder (default: analysis-<model name>).")
+@click.option("--compare", default=None, help="A second model (e.g. the merged checkpoint) shown side by side.")
+@click.option("--calibration", default=None, help="Calibration text (default: c4 online, bundled offline).")
+@click.option("--n-sentences", "--n_sentences", "n_sentences", type=int, default=16, show_default=True,
+              help="Calibration windows.")
+@click.option("--seq-len", "--seq_len", "seq_len", type=int, default=512, show_default=True,
+              help="Tokens per window (capped at the model's max positions).")
+@click.option("--batch-size", "--batch_size", "batch_size", type=int, default=4, show_default=True,
+              help="Windows per forward pass.")
+@click.option("--similarity", multiple=True, help="Similarity bases to plot (repeatable; default router-logits, "
+                                                  "weight, expert-output).")
+@click.option("--importance/--no-importance", default=True, show_default=True,
+              help="Held-out loss increase when each expert alone is masked (one pass per expert).")
+@click.option("--text", multiple=True, help="Held-out text for importance / interventions (default: ppl default).")
+@click.option("--windows", type=int, default=4, show_default=True, help="Held-out windows for importance.")
+@click.option("--mask", multiple=True, help="Mask experts, LAYER:E1,E2 or all:E (repeatable): perplexity with "
+                                            "and without.")
+@click.option("--force", multiple=True, help="Route only to these experts, LAYER:E1,E2 (repeatable).")
+@click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float32", "float16"]), default="auto")
+@click.option("--device", default="auto", help="cpu, cuda or auto.")
+@click.option("--cache/--no-cache", default=True, help="Reuse calibration statistics.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+def analyze(model: str, output: str | None, compare: str | None, calibration: str | None, n_sentences: int,
+            seq_len: int, batch_size: int, similarity: tuple[str, ...], importance: bool, text: tuple[str, ...],
+            windows: int, mask: tuple[str, ...], force: tuple[str, ...], dtype: str, device: str, cache: bool,
+            quiet: bool) -> None:
+    """Routing analysis of MODEL: expert frequency, router entropy, load imbalance, expert similarity, expert
+    importance and routing interventions, as analysis.md + PNGs."""
+    _setup_logging(False, quiet)
+    try:
+        from .evaluate.analyze import DEFAULT_SIMILARITIES, print_analysis, run_analysis
+
+        out = output or f"analysis-{Path(model).name or 'model'}"
+        a, other, page = run_analysis(model, out, compare, calibration, n_sentences, seq_len, batch_size,
+                                      list(similarity) or DEFAULT_SIMILARITIES, importance, list(text) or None,
+                                      windows, list(mask), list(force), dtype, device, cache, progress=not quiet)
+    except MoemergeError as exc:
+        _fail(exc)
+        return
+    print_analysis(a)
+    if other is not None:
+        print_analysis(other)
+    for iv in a.interventions:
+        click.echo(f"intervention mask={iv['mask']} force={iv['force']}: perplexity {iv['ppl_before']:.4f} -> "
+                   f"{iv['ppl_after']:.4f}")
+    click.echo(f"report: {page}")
 
 
 @main.command()

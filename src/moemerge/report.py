@@ -40,6 +40,16 @@ def print_summary(result, console: Console | None = None) -> None:
     console.print(f"time: {times}")
     if result.saved is not None:
         console.print(f"reload check: 0 missing / 0 unexpected keys, max logit diff {result.saved.max_logit_diff:.2e}")
+    if getattr(result, "fidelity", None):
+        from .evaluate.fidelity import print_fidelity
+
+        print_fidelity(result.fidelity, console)
+    if getattr(result, "lm_eval_before", None) or getattr(result, "lm_eval_after", None):
+        from .evaluate.lm_eval import print_table
+
+        print_table("lm-eval (acc, acc_norm ± stderr)", result.lm_eval_before, result.lm_eval_after, console)
+    if getattr(result, "report_path", None):
+        console.print(f"report: {result.report_path}")
 
 
 def print_ppl_table(model: str, texts, ppls: dict[str, float], console: Console | None = None) -> None:
