@@ -100,6 +100,10 @@ def validate_for_model(recipe: Recipe, model) -> None:
 
 def merge_model(loaded: LoadedModel, recipe: Recipe, progress: bool = True) -> MergeResult:
     """Merge ``loaded.model`` in place according to ``recipe`` and return what happened (no files written)."""
+    if recipe.sequential:  # layer by layer on the already-merged model (sequential.py)
+        from .sequential import merge_sequential
+
+        return merge_sequential(loaded, recipe, progress)
     model = loaded.model
     validate_for_model(recipe, model)
     spec = family_of(model.config)

@@ -95,17 +95,19 @@ class _StopForward(Exception):
 
 
 @torch.no_grad()
-def run_observed(model: nn.Module, windows: torch.Tensor, accumulators: dict[int, list], layers: list[MoeLayer],
-                 batch_size: int = 1, progress: bool = False, stop_after: MoeLayer | None = None,
-                 desc: str = "calibrating") -> None:
-    """Run ``windows`` through ``model`` with Observer hooks on ``layers`` feeding the given accumulators
-    (anything with ``update(LayerBatch)``).
+def run_observed(model: nn.Module, windows: torch.Tensor, accumulators: dict[int, list] | None,
+                 layers: list[MoeLayer], batch_size: int = 1, progress: bool = False,
+                 stop_after: MoeLayer | None = None, desc: str = "calibrating", names: list[str] = ()
+                 ) -> Observer:
+    """Run ``windows`` through ``model`` with Observer hooks on ``layers`` feeding the registered statistics
+    ``names`` or, when given, the ``accumulators`` (anything with ``update(LayerBatch)``); returns the observer.
 
     ``stop_after``: abort each forward right after that MoE block, since later layers cannot change what the
     hooked layers see (this halves the cost of the layer-by-layer sequential pass on average).
     """
-    observer = Observer(layers, [])
-    observer.accumulators = accumulators
+    observer = Observer(layers, list(names))
+    if accumulators is not None:
+        observer.accumulators = accumulators
     device = next(model.parameters()).device
     stop = None
     if stop_after is not None:
@@ -123,6 +125,7 @@ def run_observed(model: nn.Module, windows: torch.Tensor, accumulators: dict[int
     finally:
         if stop is not None:
             stop.remove()
+    return observer
 
 
 def fit_statistics(model: nn.Module, layers: list[MoeLayer], groups: dict[int, list[list[int]]],
