@@ -19,8 +19,8 @@ total (the members' frequencies); ``activation-with-router-logits`` multiplies e
 router probability before correlating; ``all`` does both. Coefficients always sum to one (the reference code's
 ``input-weight`` coefficients were overwritten in a loop, see docs/options.md).
 
-``zipit``: ZipIt's "zip" runs in rounds; each round greedily pairs the most correlated clusters (each cluster at most
-once per round, same-expert pairs allowed as in ZipIt) until at most half remain, down to ``I`` clusters. The
+``zipit``: ZipIt's "zip" runs in rounds down to ``I`` clusters; each round merges the pairs of clusters that are each
+other's most correlated partner (same-expert pairs allowed, as in ZipIt), most correlated first. The
 similarity of merged clusters is that of their mean standardised feature, derived exactly from ``K`` (the reference
 re-runs the merged neurons on the data instead; we keep no per-token activations). ``fix-dom-same``: the dominant
 expert's neurons are fixed and every other member's neurons are matched one-to-one to them by optimal assignment
@@ -72,8 +72,7 @@ def weight_correlation(gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tenso
 def zip_features(similarity: torch.Tensor, inter: int) -> np.ndarray:
     """ZipIt rounds on a correlation matrix ``[m, m]`` of standardised features: cluster id (0..inter-1) per feature.
 
-    Each round pairs the most correlated clusters greedily (each cluster once) until ``max(inter, ceil(m/2))``
-    remain; a merged cluster's feature is the mean of its members' standardised features, so its covariance with the
+    Each round merges every mutually-most-correlated pair (never below ``inter`` clusters); a merged cluster's feature is the mean of its members' standardised features, so its covariance with the
     others is an average of entries of the matrix, and its correlation follows.
     """
     k = similarity.to(torch.float64).clone()
@@ -82,20 +81,17 @@ def zip_features(similarity: torch.Tensor, inter: int) -> np.ndarray:
     cov = k.clone()  # covariance of the clusters' mean features
     while len(members) > inter:
         current = len(members)
-        target = max(inter, (current + 1) // 2)
         corr = correlation(cov).numpy()
-        iu, ju = np.triu_indices(current, 1)
-        order = np.argsort(-corr[iu, ju], kind="stable")
-        used = np.zeros(current, dtype=bool)
-        pairs = []
-        for p in order:
-            i, j = iu[p], ju[p]
-            if used[i] or used[j]:
-                continue
-            used[i] = used[j] = True
-            pairs.append((i, j))
-            if current - len(pairs) == target:
-                break
+        np.fill_diagonal(corr, -np.inf)
+        best = corr.argmax(1)
+        # Mutual best matches only: forcing a fixed number of pairs per round would pair leftovers badly (three
+        # identical neurons: one pair is perfect, the third would be forced onto a stranger).
+        mutual = [(i, int(best[i])) for i in range(current) if best[best[i]] == i and i < best[i]]
+        if not mutual:  # cannot happen with exact arithmetic (the global maximum is mutual); guard anyway
+            i, j = np.unravel_index(int(np.argmax(corr)), corr.shape)
+            mutual = [(int(min(i, j)), int(max(i, j)))]
+        mutual.sort(key=lambda p: -corr[p[0], p[1]])
+        pairs = mutual[:max(1, min(current - inter, current // 2))]
         new_index = np.full(current, -1, dtype=np.int64)
         new_members: list[list[int]] = []
         for i, j in pairs:
