@@ -26,6 +26,7 @@ from .group.plan import MergePlan
 from .loading import LoadedModel, load_model
 from .merge import MERGE, merge_layer
 from .recipe import Recipe
+from .save import router_statistics  # noqa: E402
 from .save import (SaveReport, apply_plan, check_plan, count_parameters, original_config, prepare_output,
                    save_checkpoint)
 
@@ -113,6 +114,7 @@ def merge_model(loaded: LoadedModel, recipe: Recipe, progress: bool = True) -> M
         return result
     t0 = time.perf_counter()
     names = needed_statistics(recipe) + list(MERGE.get(recipe.merge).statistics(recipe))
+    names += router_statistics(recipe.router, recipe.router_adapt)
     stats = calibrate(loaded, calibration_settings(recipe, model), names, progress=progress)
     t1 = time.perf_counter()
     layers = moe_layers(model)
@@ -129,7 +131,7 @@ def merge_model(loaded: LoadedModel, recipe: Recipe, progress: bool = True) -> M
                 merged[layer.index] = merge_layer(layer, plan.layers[layer.index], recipe.merge, stats, recipe.mode,
                                                      recipe=recipe)
         frequencies = {layer.index: stats.frequency(layer.index) for layer in layers}
-        apply_plan(model, plan, merged, frequencies, recipe.router, recipe.router_adapt)
+        apply_plan(model, plan, merged, frequencies, recipe.router, recipe.router_adapt, stats=stats)
     t3 = time.perf_counter()
     result.plan, result.stats = plan, stats
     result.parameters_after = count_parameters(model)

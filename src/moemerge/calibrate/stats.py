@@ -195,3 +195,27 @@ class RouterEntropy(Statistic):
         logp = torch.log_softmax(batch.router_logits.to(torch.float64), dim=-1)
         self._add("sum", -(logp.exp() * logp).sum())
         self._add("tokens", torch.tensor(batch.num_tokens))
+
+
+@STATISTICS.register("router_inputs")
+class RouterInputs(Statistic):
+    """A bounded uniform random sample of the router's inputs ``x [S, H]`` (fp32), for fitting router rows
+    (``router_adapt`` fit / fit_centered / kl). Bottom-k sampling: every token draws a key from a generator seeded by
+    the layer index and the ``S`` smallest keys are kept, so the sample is uniform over the whole stream and
+    deterministic. ``S`` is about 2**23 / H values, clamped to [512, 8192] (8192 tokens for H = 128)."""
+
+    def __init__(self, layer: MoeLayer, device: torch.device) -> None:
+        super().__init__(layer, device)
+        self.generator = torch.Generator().manual_seed(1000 + layer.index)
+        self.keys: torch.Tensor | None = None
+
+    def update(self, batch: LayerBatch) -> None:
+        x = batch.hidden.detach().float()
+        cap = max(512, min(8192, (1 << 23) // x.shape[1]))
+        keys = torch.rand(x.shape[0], generator=self.generator).to(x.device)
+        if self.keys is not None:
+            x, keys = torch.cat([self.sums["x"], x]), torch.cat([self.keys, keys])
+        if x.shape[0] > cap:
+            keep = torch.topk(keys, cap, largest=False).indices.sort().values
+            x, keys = x[keep], keys[keep]
+        self.sums["x"], self.keys = x, keys

@@ -17,26 +17,41 @@ from ..errors import MoemergeError
 from ..families import family_of
 from ..group.plan import MergePlan
 from .formats import FORMATS, ROUTER_ADAPT, check_plan
+from .mapped import check_expert_ids, remote_config
 
 __all__ = ["FORMATS", "ROUTER_ADAPT", "check_plan", "apply_plan", "SaveReport", "save_checkpoint",
-           "prepare_output", "count_parameters", "original_config"]
+           "prepare_output", "count_parameters", "original_config", "router_statistics"]
+
+
+def router_statistics(router: str, router_adapt: str) -> list[str]:
+    """Statistics the format's router adaptation needs (a sample of router inputs for the fitted rows)."""
+    fmt = FORMATS.get(router)
+    uses_adapt = fmt.changes_count  # only formats that give groups fewer rows adapt them
+    return ["router_inputs"] if uses_adapt and getattr(ROUTER_ADAPT.get(router_adapt), "needs_inputs", False) else []
 
 
 def apply_plan(model: nn.Module, plan: MergePlan, merged: dict, frequencies: dict, router: str,
-               router_adapt: str) -> None:
+               router_adapt: str, stats=None) -> None:
     """Write merged experts (``merged[layer]``, a :class:`MergedLayer`) into the model in place, with the router
-    handled by format ``router``; updates the config's expert count when the format changes it."""
+    handled by format ``router``; updates the config's expert count when the format changes it. ``stats`` supplies
+    the calibration router inputs for fitted router rows (``router_adapt`` fit, fit_centered, kl)."""
     from ..families import moe_layers
 
     fmt = FORMATS.get(router)
     spec = family_of(model.config)
+    counts = plan.counts()
+    extra = {"num_slots": max(counts.values())} if fmt.padded else {}
     for layer in moe_layers(model):
         layer_plan = plan.layers[layer.index]
         if layer_plan.is_identity:
             continue
-        fmt.apply(layer, layer_plan, merged[layer.index], frequencies[layer.index], router_adapt)
+        inputs = None
+        if stats is not None and "router_inputs" in stats.layers.get(layer.index, {}):
+            inputs = stats.get(layer.index, "router_inputs")["x"]
+        fmt.apply(layer, layer_plan, merged[layer.index], frequencies[layer.index], router_adapt,
+                  inputs=inputs, **extra)
     if fmt.changes_count:
-        count = next(iter(plan.counts().values()))
+        count = max(counts.values()) if fmt.padded else next(iter(counts.values()))
         for key in spec.num_experts_keys:
             if hasattr(model.config, key):
                 setattr(model.config, key, count)
@@ -100,6 +115,16 @@ def _edited_config(config: dict, model: nn.Module) -> dict:
     return new
 
 
+def _saved_keys(folder: Path) -> list[str]:
+    from safetensors import safe_open
+
+    keys = []
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(f), "pt") as handle:
+            keys.extend(handle.keys())
+    return keys
+
+
 def save_checkpoint(model: nn.Module, tokenizer, out: Path, config: dict, merge_info: dict,
                     probe: torch.Tensor, overwrite: bool = False, extra_files: dict[str, str] | None = None
                     ) -> SaveReport:
@@ -119,7 +144,12 @@ def save_checkpoint(model: nn.Module, tokenizer, out: Path, config: dict, merge_
         if hasattr(model, "_weight_conversions"):
             del model._weight_conversions
         model.save_pretrained(tmp)
-        (tmp / "config.json").write_text(json.dumps(_edited_config(config, model), indent=2))
+        new_config = _edited_config(config, model)
+        remote = remote_config(model, new_config)  # mapped/lowrank: ship the modeling code, custom model_type
+        if remote is not None:
+            new_config, code = remote
+            extra_files = {**(extra_files or {}), **code}
+        (tmp / "config.json").write_text(json.dumps(new_config, indent=2))
         tokenizer.save_pretrained(tmp)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
@@ -127,7 +157,9 @@ def save_checkpoint(model: nn.Module, tokenizer, out: Path, config: dict, merge_
 
         dtype = next(model.parameters()).dtype
         device = next(model.parameters()).device
-        reloaded, info = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype, output_loading_info=True)
+        check_expert_ids(_saved_keys(tmp))
+        reloaded, info = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype, output_loading_info=True,
+                                                              trust_remote_code=remote is not None)
         missing, unexpected = list(info["missing_keys"]), list(info["unexpected_keys"])
         mismatched = list(info.get("mismatched_keys", []))
         if missing or unexpected or mismatched:

