@@ -154,7 +154,7 @@ def test_dagger_factors_multiply_to_the_dense_merge():
 
 # ---- multi-layer allocation ---------------------------------------------------------------------------------------
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(st.integers(2, 6), st.integers(1, 4), st.integers(1, 3), st.integers(4, 10), st.data())
 def test_allocation_meets_budget_exactly_and_respects_top_k(num_layers, multi_layer, top_k, experts, data):
     groups = data.draw(st.integers(top_k, experts))
