@@ -271,5 +271,32 @@ def demo(model_name: str | None, output: str | None, groups: int | None, router:
     print_summary(result)
 
 
+@main.command(context_settings={"max_content_width": 120})
+@click.argument("model")
+@click.option("--num-average-groups", "--num_average_groups", "groups", type=int, required=True,
+              help="Experts (groups) left per MoE layer.")
+@click.option("--output", "-o", required=True, help="Recipe YAML file to write (the winner).")
+@click.option("--candidates", default=None, help="Comma-separated candidate names (default: all available).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@recipe_options(skip=tuple(f for f in Recipe.model_fields if f not in (
+    "calibration", "n_sentences", "seq_len", "train_batch_size", "seed", "cache", "dtype", "device")))
+def recommend(model: str, groups: int, output: str, candidates: str | None, quiet: bool, **options: Any) -> None:
+    """Try candidate recipes on held-out calibration text, print the table and write the best as a recipe."""
+    _setup_logging(False)
+    try:
+        from .loading import load_model
+        from .recommend import print_trials, recommend as run_recommend, write_recipe
+
+        base = Recipe.build(_given(options), model_path=model, num_average_groups=groups)
+        loaded = load_model(model, base.dtype, base.device)
+        names = [c.strip() for c in candidates.split(",")] if candidates else None
+        trials, winner = run_recommend(loaded, base, names, progress=not quiet)
+        print_trials(trials, winner)
+        write_recipe(winner, Path(output))
+        click.echo(f"wrote {output}; run it with: moemerge merge --recipe {output}")
+    except MoemergeError as exc:
+        _fail(exc)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -1,0 +1,198 @@
+"""``moemerge recommend``: try candidate recipes on held-out calibration text and write the best as a recipe file.
+
+From one calibration (the candidates share its cached statistics), each candidate recipe merges a fresh copy of the
+original model (``copy.deepcopy``: memory = two copies of the model at a time, fine for small models; for large ones
+run ``moemerge merge`` per recipe instead) and is scored **once** on a held-out slice of the calibration text: the
+windows the calibration sampler would draw after the calibration ones (same text, same seed, never used to
+calibrate). With ``n_sentences = N`` the candidates calibrate on the first ``N − ⌈N/4⌉`` windows and are scored on
+the other ``⌈N/4⌉`` (75 % / 25 %). One forward pass per candidate gives both its perplexity and its KL to the
+original (whose log-probs on the held-out windows are kept once: ``windows × seq_len × vocab`` fp32).
+
+The winner (lowest held-out perplexity) is written with :meth:`Recipe.to_yaml` — the candidate's options on top of
+the given model and calibration options, with the full ``n_sentences`` — so ``moemerge merge --recipe FILE`` runs it.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import MoemergeError
+from .loading import LoadedModel
+from .recipe import Recipe
+
+#: candidate name -> options on top of the base recipe; entries whose methods are not registered are skipped.
+CANDIDATES: dict[str, dict] = {
+    "hc-smoe": {"preset": "hc-smoe"},
+    "m-smoe": {"preset": "m-smoe"},
+    "sub-moe": {"preset": "sub-moe"},
+    "frequency-prune": {"preset": "frequency-prune"},
+    "reap": {"preset": "reap"},
+    "hc-smoe+fit": {"preset": "hc-smoe", "merge": "fit"},
+    "hc-smoe+fit+sequential": {"preset": "hc-smoe", "merge": "fit", "sequential": True},
+    "m-smoe+fit": {"preset": "m-smoe", "merge": "fit"},
+    "hc-smoe+fit+collapse+router-fit": {"preset": "hc-smoe", "merge": "fit", "router": "collapse",
+                                        "router_fit": True},
+}
+
+
+@dataclass
+class Trial:
+    name: str
+    recipe: Recipe | None
+    ppl: float = math.nan
+    ppl_ratio: float = math.nan
+    kl: float = math.nan
+    top1: float = math.nan
+    parameters: int = 0
+    seconds: float = 0.0
+    error: str | None = None
+
+
+def candidate_recipe(base: Recipe, options: dict) -> Recipe:
+    """``options`` (a ``preset`` name plus overrides) on top of ``base``'s model/calibration/size options."""
+    from .methods import PRESETS
+
+    options = dict(options)
+    preset = options.pop("preset", None)
+    data = base.model_dump(exclude_defaults=True)
+    if preset is not None:
+        data.update(PRESETS.get(preset))
+    data.update(options)
+    return Recipe.build(data)
+
+
+def available_candidates(names: list[str] | None = None) -> dict[str, dict]:
+    """The candidates whose presets and methods are registered (``names`` restricts them)."""
+    from .methods import PRESETS, REGISTRIES
+
+    out = {}
+    for name, opts in CANDIDATES.items():
+        if names and name not in names:
+            continue
+        if opts.get("preset") and opts["preset"] not in PRESETS:
+            continue
+        if opts.get("merge") and opts["merge"] not in REGISTRIES["merge"]:
+            continue
+        if opts.get("router_fit") and "router_fit" not in Recipe.model_fields:
+            continue
+        out[name] = opts
+    unknown = set(names or []) - set(CANDIDATES)
+    if unknown:
+        raise MoemergeError(f"unknown candidate(s) {', '.join(sorted(unknown))}; valid: {', '.join(CANDIDATES)}")
+    return out
+
+
+def held_out_windows(loaded: LoadedModel, base: Recipe) -> tuple[int, torch.Tensor]:
+    """``(calibration windows, held-out windows [M, S])``: the sampler's first ``N − ⌈N/4⌉`` windows calibrate,
+    the next ``⌈N/4⌉`` (disjoint, same text and seed) are held out. Needs ``N ≥ 2``."""
+    from .calibrate import calibration_windows
+    from .pipeline import calibration_settings
+
+    n = base.n_sentences
+    held = math.ceil(n / 4)
+    if n < 2:
+        raise MoemergeError("recommend needs n_sentences >= 2 (a quarter of them is held out)")
+    settings = calibration_settings(base, loaded.model)
+    every, _ = calibration_windows(loaded, settings)  # the sampler's windows for N, a superset of those for N - held
+    settings.n_sentences = n - held
+    calib, _ = calibration_windows(loaded, settings)
+    rows = {tuple(w.tolist()) for w in calib}
+    out = torch.stack([w for w in every if tuple(w.tolist()) not in rows][:held]) if len(every) > len(calib) \
+        else every[-held:]
+    return n - held, out
+
+
+@torch.no_grad()
+def score(model, windows: torch.Tensor, ref_logprobs: torch.Tensor | None, batch_size: int = 8
+          ) -> tuple[float, float, float, torch.Tensor | None]:
+    """One pass over ``windows``: (perplexity, KL(original ‖ model), top-1 agreement, log-probs if no ref)."""
+    from .evaluate.fidelity import kl_and_agreement
+
+    device = next(model.parameters()).device
+    nll, count, kls, tops, keep = 0.0, 0, [], [], []
+    for s in range(0, len(windows), batch_size):
+        ids = windows[s:s + batch_size].to(device)
+        logp = torch.log_softmax(model(input_ids=ids, use_cache=False).logits[:, :-1].float(), -1).cpu()
+        target = ids[:, 1:].cpu()
+        nll -= logp.gather(-1, target[..., None]).sum().item()
+        count += target.numel()
+        if ref_logprobs is None:
+            keep.append(logp)
+        else:
+            kl, top1 = kl_and_agreement(ref_logprobs[s:s + batch_size], logp)
+            kls.append(kl * target.numel())
+            tops.append(top1 * target.numel())
+    ppl = math.exp(nll / count)
+    if ref_logprobs is None:
+        return ppl, 0.0, 1.0, torch.cat(keep)
+    return ppl, sum(kls) / count, sum(tops) / count, None
+
+
+def recommend(loaded: LoadedModel, base: Recipe, names: list[str] | None = None, progress: bool = False,
+              batch_size: int = 8) -> tuple[list[Trial], Trial]:
+    """Score every available candidate on the held-out windows; returns the trials and the winner."""
+    from .pipeline import merge_model
+    from .save import count_parameters
+
+    if base.num_average_groups is None:
+        raise MoemergeError("recommend needs --num-average-groups")
+    n_cal, held = held_out_windows(loaded, base)
+    ppl0, _, _, ref = score(loaded.model, held, None, batch_size)
+    trials = []
+    for name, opts in available_candidates(names).items():
+        try:
+            recipe = candidate_recipe(base, opts)
+            trial_recipe = recipe.model_copy(update={"n_sentences": n_cal})
+        except MoemergeError as exc:
+            trials.append(Trial(name, None, error=str(exc)))
+            continue
+        t0 = time.perf_counter()
+        try:
+            model = copy.deepcopy(loaded.model)
+            merge_model(LoadedModel(model, loaded.tokenizer, loaded.source, loaded.local_dir, loaded.fingerprint),
+                        trial_recipe, progress)
+            seconds = time.perf_counter() - t0
+            ppl, kl, top1, _ = score(model, held, ref, batch_size)
+            trials.append(Trial(name, recipe, ppl, ppl / ppl0, kl, top1, count_parameters(model), seconds))
+            del model
+        except MoemergeError as exc:
+            trials.append(Trial(name, recipe, error=str(exc), seconds=time.perf_counter() - t0))
+    ok = [t for t in trials if t.error is None and math.isfinite(t.ppl)]
+    if not ok:
+        raise MoemergeError("no candidate recipe could be merged: " + "; ".join(f"{t.name}: {t.error}"
+                                                                                 for t in trials))
+    return trials, min(ok, key=lambda t: t.ppl)
+
+
+def print_trials(trials: list[Trial], winner: Trial, console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    table = Table(title="held-out comparison (one pass per recipe)")
+    for col in ("recipe", "ppl ratio", "KL (nats)", "top-1", "parameters", "merge s", "note"):
+        table.add_column(col, justify="left" if col in ("recipe", "note") else "right")
+    for t in sorted(trials, key=lambda t: (t.error is not None, t.ppl if math.isfinite(t.ppl) else math.inf)):
+        if t.error:
+            table.add_row(t.name, "-", "-", "-", "-", f"{t.seconds:.1f}", t.error[:60])
+            continue
+        table.add_row(t.name, f"{t.ppl_ratio:.4f}", f"{t.kl:.4f}", f"{t.top1:.3f}", f"{t.parameters:,}",
+                      f"{t.seconds:.1f}", "winner" if t is winner else "")
+    console.print(table)
+    console.print(f"winner: [bold]{winner.name}[/bold] (perplexity ratio {winner.ppl_ratio:.4f}, KL {winner.kl:.4f})")
+
+
+def write_recipe(winner: Trial, path: Path) -> Recipe:
+    """The winner as a runnable recipe file; its output folder defaults to ``<file stem>-merged`` beside it."""
+    recipe = winner.recipe
+    if recipe.output_path is None:
+        recipe = recipe.model_copy(update={"output_path": str(path.with_name(path.stem + "-merged"))})
+    path.write_text(f"# moemerge recommend: best of the candidates on held-out text ({winner.name})\n"
+                    + recipe.to_yaml())
+    return recipe
