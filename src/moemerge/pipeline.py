@@ -131,7 +131,16 @@ def merge_model(loaded: LoadedModel, recipe: Recipe, progress: bool = True) -> M
                 merged[layer.index] = merge_layer(layer, plan.layers[layer.index], recipe.merge, stats, recipe.mode,
                                                      recipe=recipe)
         frequencies = {layer.index: stats.frequency(layer.index) for layer in layers}
-        apply_plan(model, plan, merged, frequencies, recipe.router, recipe.router_adapt, stats=stats)
+        def _apply() -> None:
+            apply_plan(model, plan, merged, frequencies, recipe.router, recipe.router_adapt, stats=stats)
+
+        if recipe.router_fit:  # sample the original block outputs, collapse, refit the rows (save/router_refit.py)
+            from .save.router_refit import refit_routers
+
+            result.router_fit = refit_routers(loaded, recipe, plan, calibration_settings(recipe, model), _apply,
+                                              progress)
+        else:
+            _apply()
     t3 = time.perf_counter()
     result.plan, result.stats = plan, stats
     result.parameters_after = count_parameters(model)

@@ -99,6 +99,15 @@ def merge_sequential(loaded: LoadedModel, recipe: Recipe, progress: bool = True)
                 stats = method.prepare(loaded, recipe, full, stats, settings, progress)
             meta["model_runs"] += 1
         t2 = time.perf_counter()
+        sample = None
+        if recipe.router_fit and not layer_plan.is_identity:
+            from .save.router_refit import capture
+
+            if recipe.router != "collapse":
+                raise MoemergeError(f"router_fit refits collapsed router rows; it needs router=collapse (got "
+                                    f"{recipe.router!r})")
+            sample = capture(model, [layer], wins, settings.train_batch_size, progress, stop_after=layer)
+            meta["model_runs"] += 1
         with torch.no_grad():
             if not layer_plan.is_identity:
                 merged = merge_layer(layer, layer_plan, recipe.merge, stats, recipe.mode, recipe=recipe)
@@ -107,6 +116,11 @@ def merge_sequential(loaded: LoadedModel, recipe: Recipe, progress: bool = True)
                                              layer.index: layer_plan}),
                            {layer.index: merged}, {layer.index: stats.frequency(layer.index)}, recipe.router,
                            recipe.router_adapt, stats=stats)
+                if sample and layer.index in sample:
+                    from .save.router_refit import refit_layer
+
+                    spec = family_of(model.config)
+                    refit_layer(layer, sample[layer.index], top_k, spec.renormalizes(model.config))
         plans[layer.index] = layer_plan
         frequencies[layer.index] = stats.layers[layer.index]["frequency"]
         del stats, observer  # one layer's statistics at a time

@@ -1,0 +1,132 @@
+"""``router_fit: true`` (with ``router: collapse``): refit the collapsed router rows on calibration tokens.
+
+A collapsed router has one row per group, so a token's group probabilities are no longer the sums of its members'.
+The rows made by ``router_adapt`` (``mean``, or the formats' fitted ``fit``/``kl``) only look at routing. Here the
+rows are refitted for the block's *output*: on a sample of calibration hidden states ``x`` at the layer, minimise
+
+    mean_x ‖ Σ_{g ∈ topk(R x)} w_g(x) M_g(x) − y(x) ‖²
+
+over the collapsed router weight ``R [G, H]`` with Adam, where ``M_g`` are the merged experts (fixed), ``w_g`` the
+family's routing weights (softmax → top-k → renormalise if the family does, so top-k is never hard-coded) and
+``y(x) = Σ_{e ∈ topk} w_e(x) E_e(x)`` the original routed output. The top-k selection is piecewise constant; the
+gradient flows through the selected weights (the usual straight-through treatment of top-k routers). Starts from the
+``router_adapt`` rows and keeps them unless the objective on the sample improves, so it never does worse on it.
+
+Memory: ``max_tokens`` sampled hidden states and targets per layer (``2·max_tokens·H`` fp32), taken in one extra
+calibration pass before the experts are replaced.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import MoemergeError
+from ..families import MoeLayer
+
+MAX_TOKENS = 4096
+
+
+class RoutedOutputSample:
+    """Keeps up to ``max_tokens`` (hidden, original routed output) pairs of one layer (Observer accumulator)."""
+
+    def __init__(self, layer: MoeLayer, max_tokens: int = MAX_TOKENS) -> None:
+        self.layer, self.max_tokens = layer, max_tokens
+        self.hidden: list[torch.Tensor] = []
+        self.target: list[torch.Tensor] = []
+        self.count = 0
+
+    @torch.no_grad()
+    def update(self, batch) -> None:
+        room = self.max_tokens - self.count
+        if room <= 0:
+            return
+        x = batch.hidden[:room]
+        out = self.layer.run_experts(x)  # [E, t, H]
+        w = batch.routed_weights()[:, :room]  # [E, t]
+        self.hidden.append(x.cpu())
+        self.target.append(torch.einsum("et,eth->th", w, out).cpu())
+        self.count += int(x.shape[0])
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.cat(self.hidden), torch.cat(self.target)
+
+
+def routed_output(rows: torch.Tensor, hidden: torch.Tensor, expert_out: torch.Tensor, top_k: int,
+                  renormalize: bool) -> torch.Tensor:
+    """``Σ_{g∈topk} w_g(x) M_g(x)`` for router ``rows [G, H]``, hidden ``[T, H]``, expert outputs ``[G, T, H]``."""
+    probs = torch.softmax(hidden @ rows.T, dim=-1)
+    weights, index = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(-1, keepdim=True)
+    picked = expert_out.permute(1, 0, 2)[torch.arange(hidden.shape[0])[:, None], index]  # [T, k, H]
+    return (weights[..., None] * picked).sum(1)
+
+
+def refit_rows(rows: torch.Tensor, hidden: torch.Tensor, expert_out: torch.Tensor, target: torch.Tensor,
+               top_k: int, renormalize: bool, steps: int = 100, lr: float = 1e-2) -> tuple[torch.Tensor, float, float]:
+    """Adam on the router rows; returns ``(best rows, loss before, loss after)`` (MSE on the sample)."""
+    def loss_of(r: torch.Tensor) -> torch.Tensor:
+        return (routed_output(r, hidden, expert_out, top_k, renormalize) - target).pow(2).sum(-1).mean()
+
+    start = rows.detach().float().clone()
+    r = start.clone().requires_grad_(True)
+    opt = torch.optim.Adam([r], lr=lr * start.abs().mean().clamp_min(1e-3).item())
+    with torch.no_grad():
+        best_loss = before = float(loss_of(start))
+    best = start
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = loss_of(r)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            current = float(loss_of(r))
+        if current < best_loss:
+            best_loss, best = current, r.detach().clone()
+    return best, before, best_loss
+
+
+def capture(model, layers: list[MoeLayer], windows: torch.Tensor, batch_size: int = 1, progress: bool = False,
+            stop_after: MoeLayer | None = None, max_tokens: int = MAX_TOKENS) -> dict[int, tuple]:
+    """One calibration pass (on the model before the layers' experts are replaced): per layer index, a sample of
+    hidden states and the original routed outputs."""
+    from ..calibrate.fit_stats import run_observed
+
+    accs = {layer.index: [RoutedOutputSample(layer, max_tokens)] for layer in layers}
+    run_observed(model, windows, accs, layers, batch_size, progress, stop_after, desc="router-fit pass")
+    return {li: acc[0].result() for li, acc in accs.items() if acc[0].count}
+
+
+@torch.no_grad()
+def refit_layer(layer: MoeLayer, sample: tuple[torch.Tensor, torch.Tensor], top_k: int, renormalize: bool,
+                steps: int = 100) -> tuple[float, float]:
+    """Refit ``layer``'s (collapsed) router in place on ``sample``; returns the sample MSE before and after."""
+    hidden, target = (t.to(layer.router.weight.device).float() for t in sample)
+    expert_out = layer.run_experts(hidden)  # merged experts, fixed
+    weight = layer.router.weight
+    if weight.shape[0] != expert_out.shape[0]:
+        raise MoemergeError("router_fit needs one router row per merged expert (router=collapse)")
+    with torch.enable_grad():
+        rows, before, after = refit_rows(weight.data, hidden, expert_out, target, top_k, renormalize, steps)
+    weight.data.copy_(rows.to(weight.dtype))
+    return before, after
+
+
+def refit_routers(loaded, recipe, plan, settings, apply, progress: bool = False) -> dict[int, tuple[float, float]]:
+    """Capture samples on the unmerged model, run ``apply()`` (which writes the collapsed layers), then refit each
+    merged layer's router. Returns the per-layer sample MSE before/after."""
+    from ..calibrate import calibration_windows
+    from ..families import family_of, moe_layers
+
+    if recipe.router != "collapse":
+        raise MoemergeError(f"router_fit refits collapsed router rows; it needs router=collapse (got "
+                            f"{recipe.router!r})")
+    model = loaded.model
+    layers = [layer for layer in moe_layers(model) if not plan.layers[layer.index].is_identity]
+    wins, _ = calibration_windows(loaded, settings)
+    samples = capture(model, layers, wins, settings.train_batch_size, progress)
+    apply()
+    spec = family_of(model.config)
+    top_k, renorm = spec.top_k(model.config), spec.renormalizes(model.config)
+    return {layer.index: refit_layer(layer, samples[layer.index], top_k, renorm)
+            for layer in moe_layers(model) if layer.index in samples}
