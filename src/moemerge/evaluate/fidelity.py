@@ -122,7 +122,7 @@ def print_fidelity(fid: dict, console=None) -> None:
     from rich.table import Table
 
     console = console or Console()
-    console.print(f"fidelity: KL(original ‖ merged) {fid['kl']:.4f} nats/token, top-1 agreement "
+    console.print(f"fidelity: KL(original ‖ merged) {fid['kl']:.4g} nats/token, top-1 agreement "
                   f"{fid['top1']:.3f} over {fid['tokens']} tokens")
     if fid.get("generations"):
         table = Table(title="greedy generations")

@@ -75,7 +75,7 @@ def write_report(result, out_dir: str | Path, title: str | None = None) -> Path:
     fid = getattr(result, "fidelity", None)
     if fid:
         lines += ["## Fidelity", "",
-                  f"KL(original ‖ merged) = **{fid['kl']:.4f}** nats/token, top-1 agreement = **{fid['top1']:.3f}** "
+                  f"KL(original ‖ merged) = **{fid['kl']:.4g}** nats/token, top-1 agreement = **{fid['top1']:.3f}** "
                   f"over {fid['tokens']} held-out tokens.", ""]
         if fid.get("generations"):
             def cell(s: str) -> str:
