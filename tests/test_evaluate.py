@@ -75,14 +75,31 @@ def test_task_resolution(tmp_path):
         task_manager(TaskSpec(tasks=["no_such_task"]))
 
 
-def test_eval_cli_runs_a_task_without_ppl(model_dirs, tmp_path):
+def _function_task(folder):
+    """A task YAML with a ``!function`` tag (goes through lm-eval's include_path) over the bundled items."""
+    folder.mkdir()
+    (folder / "utils.py").write_text("def keep(dataset):\n    return dataset.select(range(4))\n")
+    data = BUNDLED_TASKS / "tiny_cloze" / "tiny_cloze.jsonl"
+    (folder / "fn_task.yaml").write_text(
+        f"task: fn_task\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\ntest_split: test\n"
+        "process_docs: !function utils.keep\noutput_type: multiple_choice\ndoc_to_text: '{{context}}'\n"
+        "doc_to_choice: '{{choices}}'\ndoc_to_target: label\nmetric_list:\n  - metric: acc\n"
+        "  - metric: acc_norm\n")
+    (folder / "snippet.yaml").write_text("dataset_path: json\n")  # not a task: skipped in a folder
+    return folder
+
+
+def test_eval_cli_runs_a_task_folder_without_ppl(model_dirs, tmp_path):
+    folder = _function_task(tmp_path / "tasks")
+    spec = resolve_tasks(str(folder))
+    assert spec.tasks == ["fn_task"] and spec.include_paths == [str(folder)]
     out = tmp_path / "r.json"
-    r = CliRunner().invoke(main, ["eval", str(model_dirs["qwen2_moe"]), "--task", "bundled:tiny_cloze", "--limit",
-                                  "4", "--result-path", str(out), "-q"])
+    r = CliRunner().invoke(main, ["eval", str(model_dirs["qwen2_moe"]), "--task", str(folder), "--result-path",
+                                  str(out), "-q"])
     assert r.exit_code == 0, r.output
     assert "acc_norm" in r.output
     data = json.loads(out.read_text())
-    assert data["lm_eval"]["tasks"]["tiny_cloze"]["n"] == 4 and data["perplexity"] == {}
+    assert data["lm_eval"]["tasks"]["fn_task"]["n"] == 4 and data["perplexity"] == {}
     r = CliRunner().invoke(main, ["eval", str(model_dirs["qwen2_moe"])])
     assert r.exit_code == 2 and "nothing to evaluate" in r.output
 

@@ -61,51 +61,74 @@ def _unknown_tag(loader: yaml.Loader, suffix: str, node: yaml.Node) -> Any:
 _TolerantLoader.add_multi_constructor("!", _unknown_tag)
 
 
-def _task_dict(path: Path) -> dict | None:
-    """The YAML as a task dict with absolute ``data_files``, or None when it must go through ``include_path``
-    (custom tags, ``include:`` of another file, or not a task)."""
+def _absolute_files(files: str | list | dict, base: Path) -> str | list | dict:
+    """``data_files`` (a path, a list, or split -> path(s)) with relative paths resolved against ``base``."""
+    if isinstance(files, dict):
+        return {k: _absolute_files(v, base) for k, v in files.items()}
+    if isinstance(files, list):
+        return [_absolute_files(f, base) for f in files]
+    p = Path(files).expanduser()
+    return str(p if p.is_absolute() else (base / p).resolve())
+
+
+def _flatten(files: str | list | dict) -> list[str]:
+    if isinstance(files, dict):
+        return [f for v in files.values() for f in _flatten(v)]
+    return [f for v in files for f in _flatten(v)] if isinstance(files, list) else [files]
+
+
+def _read_yaml(path: Path) -> tuple[Any, bool]:
+    """The YAML's data and whether it uses custom tags such as ``!function``."""
     loader = _TolerantLoader(path.read_text())
     loader.has_custom_tags = False  # type: ignore[attr-defined]
     try:
-        data = loader.get_single_data()
+        return loader.get_single_data(), loader.has_custom_tags  # type: ignore[attr-defined]
     except yaml.YAMLError as exc:
         raise MoemergeError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     finally:
         loader.dispose()
-    if not isinstance(data, dict) or "task" not in data:
-        raise MoemergeError(f"{path}: not an lm-eval task YAML (no 'task:' key)")
-    if loader.has_custom_tags or "include" in data or not isinstance(data["task"], str):  # type: ignore
-        return None
+
+
+def _task_dict(path: Path, data: dict) -> dict:
+    """The task YAML's data with ``data_files`` made absolute and checked."""
     files = (data.get("dataset_kwargs") or {}).get("data_files")
     if files is not None:
-        def absolute(p: str) -> str:
-            q = Path(p).expanduser()
-            return str(q if q.is_absolute() else (path.parent / q).resolve())
-
-        if isinstance(files, str):
-            files = absolute(files)
-        elif isinstance(files, list):
-            files = [absolute(f) for f in files]
-        else:
-            files = {k: absolute(v) if isinstance(v, str) else [absolute(x) for x in v] for k, v in files.items()}
-        for f in [files] if isinstance(files, str) else (files if isinstance(files, list) else
-                                                         [x for v in files.values() for x in
-                                                          ([v] if isinstance(v, str) else v)]):
+        files = _absolute_files(files, path.parent)
+        for f in _flatten(files):
             if not Path(f).exists():
                 raise MoemergeError(f"{path}: data file {f} does not exist")
         data = {**data, "dataset_kwargs": {**data["dataset_kwargs"], "data_files": files}}
     return data
 
 
-def _task_name(path: Path) -> str:
-    loader = _TolerantLoader(path.read_text())
-    try:
-        data = loader.get_single_data()
-    finally:
-        loader.dispose()
-    if not isinstance(data, dict) or "task" not in data:
-        raise MoemergeError(f"{path}: not an lm-eval task YAML (no 'task:' key)")
-    return str(data["task"])
+def _local_tasks(path: Path, out: "TaskSpec") -> None:
+    """Add the tasks of a YAML file or folder. In a folder holding group YAMLs only the groups run (their
+    subtasks would otherwise run twice); files that are neither tasks nor groups (shared snippets) are skipped."""
+    yamls = [path] if path.is_file() else sorted(path.rglob("*.y*ml"))
+    if not yamls:
+        raise MoemergeError(f"task folder {path} holds no .yaml file")
+    parsed = []
+    for y in yamls:
+        data, tagged = _read_yaml(y)
+        if not isinstance(data, dict) or ("task" not in data and "group" not in data):
+            if path.is_file():
+                raise MoemergeError(f"{y}: not an lm-eval task YAML (no 'task:' key)")
+            continue
+        parsed.append((y, data, tagged))
+    groups = [p for p in parsed if "group" in p[1] and not isinstance(p[1].get("task"), str)]
+    for y, data, tagged in groups or parsed:
+        if y in [g[0] for g in groups]:
+            name = str(data["group"])
+        elif tagged or "include" in data:  # lm-eval must resolve these relative to the file itself
+            name = str(data["task"])
+        else:
+            out.tasks.append(_task_dict(y, data))
+            continue
+        out.tasks.append(name)
+        if str(y.parent) not in out.include_paths:
+            out.include_paths.append(str(y.parent))
+    if not out.tasks:
+        raise MoemergeError(f"{path}: no lm-eval task found")
 
 
 def resolve_tasks(spec: str | list[str]) -> TaskSpec:
@@ -126,17 +149,7 @@ def resolve_tasks(spec: str | list[str]) -> TaskSpec:
         if path.suffix in (".yaml", ".yml") or path.exists():
             if not path.exists():
                 raise MoemergeError(f"task file {item} does not exist")
-            yamls = [path] if path.is_file() else sorted(path.rglob("*.y*ml"))
-            if not yamls:
-                raise MoemergeError(f"task folder {item} holds no .yaml file")
-            for y in yamls:
-                as_dict = _task_dict(y)
-                if as_dict is not None:
-                    out.tasks.append(as_dict)
-                else:
-                    out.tasks.append(_task_name(y))
-                    if str(y.parent) not in out.include_paths:
-                        out.include_paths.append(str(y.parent))
+            _local_tasks(path, out)
         else:
             out.tasks.append(item)
             out.needs_defaults = True
