@@ -27,8 +27,9 @@ fi
 
 WORK="$(mktemp -d /tmp/vllm-check.XXXXXX)"
 trap 'rm -rf "$WORK"' EXIT
-MODEL_DIR="$("$PY" -c "from moemerge.zoo import model_path; print(model_path('$MODEL'))" 2>/dev/null || true)"
-[ -n "$MODEL_DIR" ] || MODEL_DIR="src/moemerge/zoo/models/$MODEL"
+# MODEL_DIR overrides the bundled model (any Mixtral/Qwen2-MoE folder with head size >= 32, vLLM CPU's minimum).
+MODEL_DIR="${MODEL_DIR:-$("$PY" -c "from moemerge.zoo import model_path; print(model_path('$MODEL'))")}"
+[ -f "$MODEL_DIR/config.json" ] || { echo "[vllm_check] no model at $MODEL_DIR"; exit 1; }
 echo "[vllm_check] merging $MODEL_DIR -> $WORK/merged (--format $FORMAT, $GROUPS_ groups)"
 "$PY" -m moemerge.cli merge "$MODEL_DIR" --output "$WORK/merged" --num-average-groups "$GROUPS_" \
   --format "$FORMAT" --calibration bundled --n-sentences 8 --seq-len 128 --ppl none --dtype float32 --no-cache \

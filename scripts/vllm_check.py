@@ -42,7 +42,10 @@ def check(folder: str, expected_path: str) -> int:
 
     with open(expected_path) as f:
         expected = json.load(f)
-    llm = LLM(model=folder, dtype="float32", max_model_len=256, enforce_eager=True, max_num_seqs=4, seed=0)
+    with open(os.path.join(folder, "config.json")) as f:
+        remote = "auto_map" in json.load(f)  # mapped/lowrank: shipped modeling code
+    llm = LLM(model=folder, dtype="float32", max_model_len=256, enforce_eager=True, max_num_seqs=4, seed=0,
+              trust_remote_code=remote)
     params = SamplingParams(max_tokens=MAX_TOKENS, min_tokens=MAX_TOKENS, temperature=0.0)
     # Token ids, not text, so both sides see exactly the same prompt (no BOS/tokeniser differences).
     outs = llm.generate([TokensPrompt(prompt_token_ids=e["prompt_ids"]) for e in expected], params)
