@@ -192,8 +192,8 @@ class RouterEntropy(Statistic):
     needs_logits = True
 
     def update(self, batch: LayerBatch) -> None:
-        logp = torch.log_softmax(batch.router_logits.to(torch.float64), dim=-1)
-        self._add("sum", -(logp.exp() * logp).sum())
+        probs = torch.softmax(batch.router_logits.to(torch.float64), dim=-1)
+        self._add("sum", torch.special.entr(probs).sum())  # entr(0) = 0: masked (-inf) experts add nothing
         self._add("tokens", torch.tensor(batch.num_tokens))
 
 
