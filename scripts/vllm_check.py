@@ -17,12 +17,19 @@ PROMPTS = ["The history of the", "def fibonacci(n):", "In the beginning", "impor
 MAX_TOKENS = 16
 
 
+def _remote(folder: str) -> bool:
+    """mapped/lowrank checkpoints ship their modeling code (config.json has auto_map)."""
+    with open(os.path.join(folder, "config.json")) as f:
+        return "auto_map" in json.load(f)
+
+
 def reference(folder: str, out: str) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
+                                                 trust_remote_code=_remote(folder)).eval()
     result = []
     for prompt in PROMPTS:
         ids = tok(prompt, return_tensors="pt")["input_ids"]
@@ -42,10 +49,8 @@ def check(folder: str, expected_path: str) -> int:
 
     with open(expected_path) as f:
         expected = json.load(f)
-    with open(os.path.join(folder, "config.json")) as f:
-        remote = "auto_map" in json.load(f)  # mapped/lowrank: shipped modeling code
     llm = LLM(model=folder, dtype="float32", max_model_len=256, enforce_eager=True, max_num_seqs=4, seed=0,
-              trust_remote_code=remote)
+              trust_remote_code=_remote(folder))
     params = SamplingParams(max_tokens=MAX_TOKENS, min_tokens=MAX_TOKENS, temperature=0.0)
     # Token ids, not text, so both sides see exactly the same prompt (no BOS/tokeniser differences).
     outs = llm.generate([TokensPrompt(prompt_token_ids=e["prompt_ids"]) for e in expected], params)
