@@ -29,7 +29,7 @@ from moemerge.recipe import Recipe
 from moemerge.save import count_parameters
 from moemerge.save.router_fit import routing_kl
 
-ADAPTS = ("mean", "fit", "fit_centered", "kl")
+ADAPTS = ("mean", "fit", "kl")
 
 
 def resolve(model: str) -> str:
@@ -69,16 +69,19 @@ def speed(loaded, groups: int, batch: int, seq: int, reps: int, new_tokens: int)
     ids = torch.randint(4, loaded.model.config.vocab_size, (batch, seq), generator=gen)
     models = {"original": loaded.model, "mapped": merged(loaded, "mapped", groups)[0],
               "compact": merged(loaded, "compact", groups)[0]}
-    base = {}
+    # Rounds interleave the models (original, mapped, compact, original, ...) so that load changes on a shared
+    # machine hit all of them alike; each model's best round counts.
+    prefill = {name: 0.0 for name in models}
+    decode = {name: 0.0 for name in models}
+    for _ in range(3):
+        for name, model in models.items():
+            prefill[name] = max(prefill[name], prefill_tps(model, ids, reps))
+            decode[name] = max(decode[name], decode_tps(model, ids, new_tokens))
     print(f"{'model':10s} {'params':>10s} {'prefill tok/s':>14s} {'ratio':>6s} {'decode tok/s':>13s} {'ratio':>6s}")
     for name, model in models.items():
-        # interleave two rounds to even out the noise of a shared machine; keep the better one
-        p = max(prefill_tps(model, ids, reps) for _ in range(2))
-        d = max(decode_tps(model, ids, new_tokens) for _ in range(2))
-        base.setdefault("p", p)
-        base.setdefault("d", d)
-        print(f"{name:10s} {count_parameters(model):10d} {p:14.0f} {p / base['p']:6.2f} {d:13.1f} "
-              f"{d / base['d']:6.2f}")
+        p, d = prefill[name], decode[name]
+        print(f"{name:10s} {count_parameters(model):10d} {p:14.0f} {p / prefill['original']:6.2f} {d:13.1f} "
+              f"{d / decode['original']:6.2f}")
 
 
 def routers(loaded, groups: int, ppl_windows: int) -> None:

@@ -213,3 +213,17 @@ def test_padded_reproduces_keep_and_loads_stock(family, ids, tokenizer, tmp_path
     assert not report.missing_keys and not report.unexpected_keys
     with pytest.raises(MoemergeError, match="padded"):
         check_plan(plan, "compact", 2)
+
+
+# ---- end to end --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt,adapt", [("mapped", "mean"), ("compact", "fit")])
+def test_pipeline_writes_format(fmt, adapt, model_dirs, text_file, tmp_path):
+    from moemerge.pipeline import run
+    from moemerge.recipe import Recipe
+
+    out = tmp_path / fmt
+    result = run(Recipe.build(model_path=str(model_dirs["mixtral"]), output_path=str(out), calibration=str(text_file),
+                              n_sentences=4, seq_len=32, num_average_groups=4, router=fmt, router_adapt=adapt,
+                              ppl=["none"], fidelity=False, report=False), progress=False)
+    assert result.saved is not None and result.parameters_after < result.parameters_before
+    assert ("auto_map" in json.loads((out / "config.json").read_text())) == (fmt == "mapped")
