@@ -26,9 +26,8 @@ from .group.plan import MergePlan
 from .loading import LoadedModel, load_model
 from .merge import MERGE, merge_layer
 from .recipe import Recipe
-from .save import router_statistics  # noqa: E402
 from .save import (SaveReport, apply_plan, check_plan, count_parameters, original_config, prepare_output,
-                   save_checkpoint)
+                   router_statistics, save_checkpoint)
 
 LOG = logging.getLogger(__name__)
 
@@ -49,6 +48,7 @@ class MergeResult:
     lm_eval_before: object | None = None  # evaluate.lm_eval.LmEvalResult of the original
     lm_eval_after: object | None = None  # ... and of the merged model
     report_path: Path | None = None
+    router_fit: dict | None = None  # save.router_refit: per-layer error before/after refitting the collapsed router
 
     def summary(self) -> dict:
         out = {
@@ -131,6 +131,7 @@ def merge_model(loaded: LoadedModel, recipe: Recipe, progress: bool = True) -> M
                 merged[layer.index] = merge_layer(layer, plan.layers[layer.index], recipe.merge, stats, recipe.mode,
                                                      recipe=recipe)
         frequencies = {layer.index: stats.frequency(layer.index) for layer in layers}
+
         def _apply() -> None:
             apply_plan(model, plan, merged, frequencies, recipe.router, recipe.router_adapt, stats=stats)
 
@@ -198,7 +199,6 @@ def run(recipe: Recipe, progress: bool = True, loaded: LoadedModel | None = None
 
     t0 = time.perf_counter()
     before = perplexities(model, texts, recipe.eval_batch_size, progress)
-    eval_before_s = time.perf_counter() - t0
     # lm-eval and the fidelity reference need the original, which is merged in place next
     lm_before = evaluate_tasks(model, loaded.tokenizer, tasks, recipe.num_fewshot, recipe.eval_batch_size) \
         if tasks else None

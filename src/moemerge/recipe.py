@@ -120,6 +120,8 @@ class Recipe(BaseModel):
     def _combinations(self) -> "Recipe":
         if "linkage" in self.model_fields_set and self.cluster != "hierarchical":
             raise ValueError(f"linkage only applies to cluster=hierarchical (cluster is {self.cluster!r})")
+        if self.router_fit and self.router not in ("collapse", "compact"):
+            raise ValueError(f"router_fit refits collapsed router rows; it needs router=collapse (got {self.router!r})")
         if self.random_start_center and self.cluster != "kmeans":
             raise ValueError("random_start_center only applies to cluster=kmeans")
         from .group.options import check_combinations  # grouping/merging option rules (HC-SMoE options)

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from ..families import MoeLayer, expert_intermediate
 from .observer import Observer
-from .stats import LayerBatch
+from .stats import LayerBatch, Statistic
 
 # Largest number of routed tokens pushed through one group's members at once (bounds [n, T, 2I] temporaries).
 CHUNK_TOKENS = 4096
@@ -40,7 +40,7 @@ def group_key(members: Iterable[int]) -> str:
     return "-".join(str(m) for m in sorted(members))
 
 
-class GroupFitAccumulator:
+class GroupFitAccumulator(Statistic):
     """Accumulates ``A``, ``B``, ``C`` and ``tokens`` for each multi-member group of one layer.
 
     ``starts[g]`` is the starting merged gate/up ``[2I, H]`` of ``groups[g]``; the Observer calls :meth:`update`
@@ -48,17 +48,9 @@ class GroupFitAccumulator:
     """
 
     def __init__(self, layer: MoeLayer, groups: list[list[int]], starts: list[torch.Tensor]) -> None:
-        self.layer = layer
+        super().__init__(layer, layer.experts.gate_up_proj.device)
         self.groups = [list(g) for g in groups]
         self.starts = starts
-        self.sums: dict[str, torch.Tensor] = {}
-
-    def _add(self, name: str, value: torch.Tensor) -> None:
-        value = value.to(torch.float64)
-        if name in self.sums:
-            self.sums[name] += value
-        else:
-            self.sums[name] = value.clone()
 
     @torch.no_grad()
     def update(self, batch: LayerBatch) -> None:

@@ -118,9 +118,6 @@ def refit_routers(loaded, recipe, plan, settings, apply, progress: bool = False)
     from ..calibrate import calibration_windows
     from ..families import family_of, moe_layers
 
-    if recipe.router != "collapse":
-        raise MoemergeError(f"router_fit refits collapsed router rows; it needs router=collapse (got "
-                            f"{recipe.router!r})")
     model = loaded.model
     layers = [layer for layer in moe_layers(model) if not plan.layers[layer.index].is_identity]
     wins, _ = calibration_windows(loaded, settings)
