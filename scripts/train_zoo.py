@@ -65,8 +65,8 @@ SEED = 1234
 # 2 CPU threads ran ~0.2 s/step (Mixtral MoE) and ~0.1 s/step (dense Qwen2), so
 # these are short; they were cut down because the build machine was shared with
 # other CPU-heavy jobs (>1 s/step). Use --steps / --dense-steps for longer runs.
-DEFAULT_STEPS = {"mixtral": 400, "qwen": 300}
-DEFAULT_DENSE_STEPS = 150
+DEFAULT_STEPS = {"mixtral": 1600, "qwen": 1200}
+DEFAULT_DENSE_STEPS = 500
 BALANCE_COEF = 0.08    # per-layer Switch load-balancing loss
 ZLOSS_COEF = 1e-3      # router z-loss (keeps router logits small)
 

@@ -255,7 +255,7 @@ def test_sub_moe_recipe_saves_and_reloads(family, model_dirs, text_file, tmp_pat
 def test_sub_moe_dagger_whitened_end_to_end(model_dirs, text_file, tmp_path):
     out = tmp_path / "dagger"
     result = moemerge.run(_recipe("sub-moe-dagger", model_dirs["qwen2_moe"], text_file, out, num_average_groups=6,
-                                  multi_layer=1), progress=False)
+                                  multi_layer=1, router="keep"), progress=False)
     assert set(result.plan.counts().values()) == {6}
     assert {"input_cov", "intermediate_cov"} <= set(result.stats.layers[0])
     # The dense product of the rank-r factors is what keep saves: every merged down_proj has rank ≤ r.
@@ -263,6 +263,17 @@ def test_sub_moe_dagger_whitened_end_to_end(model_dirs, text_file, tmp_path):
     down = moe_layers(reloaded)[0].experts.down_proj.data
     r = truncation_rank(0.5, down.shape[1], down.shape[2])
     assert int(torch.linalg.matrix_rank(down[0])) <= r
+
+
+def test_sub_moe_dagger_preset_saves_two_factors_and_shrinks(model_dirs, text_file, tmp_path):
+    out = tmp_path / "dagger-lowrank"
+    result = moemerge.run(_recipe("sub-moe-dagger", model_dirs["mixtral"], text_file, out, num_average_groups=4),
+                          progress=False)
+    assert result.recipe.router == "lowrank"
+    reloaded, info = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, trust_remote_code=True,
+                                                          output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert sum(p.numel() for p in reloaded.parameters()) < result.parameters_before
 
 
 def test_merge_layer_returns_factors_for_every_group_including_singletons(similar_layer0):

@@ -28,11 +28,12 @@ PRESETS.add("hc-smoe", {"dominant": "no", "similarity_base": "expert-output", "c
                         "linkage": "average", "merge": "freq"})
 # Sub-MoE (arXiv 2506.23266): eq. 2 output-cosine features, k-means++ (eq. 3), 2-layer adaptive allocation (the
 # paper's default), subspace merge (eqs. 5–8, = frequency averaging at full rank). † adds rank truncation with
-# activation whitening (eqs. 10–12); with router keep/collapse the low-rank product is stored dense.
+# activation whitening (eqs. 10–12), saved as two factors per matrix (--format lowrank; keep/collapse store the
+# low-rank product dense).
 PRESETS.add("sub-moe", {"dominant": "no", "similarity_base": "expert-output-cosine", "cluster": "kmeans",
                         "multi_layer": 2, "merge": "sub-moe", "router": "keep"})
 PRESETS.add("sub-moe-dagger", {"dominant": "no", "similarity_base": "expert-output-cosine", "cluster": "kmeans",
-                               "multi_layer": 2, "merge": "sub-moe", "router": "keep", "rank_ratio": 0.5,
+                               "multi_layer": 2, "merge": "sub-moe", "router": "lowrank", "rank_ratio": 0.5,
                                "whiten": True})
 # M-SMoE (MC-SMoE, arXiv 2310.01334, without the compression stage): router-logit similarity, globally most frequent
 # experts dominant (non-uniform counts, so router keep), neurons aligned to the dominant by weight matching, then a

@@ -79,7 +79,7 @@ def _pad_rank(t: torch.Tensor, rank: int, dim: int) -> torch.Tensor:
 def stack_factors(merged: MergedLayer) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per matrix kind, ``(a [G, O, r], b [G, r, I])`` with every group padded to the layer's largest rank."""
     if merged.factors is None:
-        raise MoemergeError("--format lowrank needs low-rank factors from the merge method (e.g. --merge subspace "
+        raise MoemergeError("--format lowrank needs low-rank factors from the merge method (e.g. --merge sub-moe "
                             "with --rank-ratio)")
     inter = merged.down.shape[2]
     dense = {"gate": merged.gate_up[:, :inter], "up": merged.gate_up[:, inter:], "down": merged.down}
