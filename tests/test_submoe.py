@@ -206,7 +206,7 @@ def similar_layer0(tokenizer, text_file):
     _duplicate_experts(model, 0, 0, [1, 2, 3])
     loaded = _loaded(model, tokenizer)
     stats = calibrate(loaded, CalibrationSettings(str(text_file), n_sentences=6, seq_len=32, use_cache=False),
-                      ["frequency", "expert_output_cosine"], progress=False)
+                      ["frequency", "expert_output_cosine", "expert_output_gram"], progress=False)
     return model, stats
 
 

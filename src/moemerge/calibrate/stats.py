@@ -142,6 +142,19 @@ class ExpertOutputCosine(Statistic):
         self._add("tokens", torch.tensor(batch.num_tokens))
 
 
+@STATISTICS.register("expert_output_gram")
+class ExpertOutputGram(Statistic):
+    """Σ_t ⟨E_i(x_t), E_j(x_t)⟩ over all tokens, ``[E, E]``: the Gram matrix of the experts' raw output collections
+    (Sub-MoE eq. 3's Y_j, unnormalised), so ‖Y_i − Y_j‖² = G_ii + G_jj − 2 G_ij is in output units."""
+
+    needs_outputs = True
+
+    def update(self, batch: LayerBatch) -> None:
+        y = batch.expert_outputs()  # [E, T, H]
+        self._add("sum", torch.einsum("eth,fth->ef", y, y))
+        self._add("tokens", torch.tensor(batch.num_tokens))
+
+
 @STATISTICS.register("routed_output_norm")
 class RoutedOutputNorm(Statistic):
     """Per expert, over the tokens routed to it: Σ‖E_e(x)‖ (``norm_sum``, the output-norm pruning criterion) and

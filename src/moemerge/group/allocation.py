@@ -12,10 +12,13 @@ own layer, so the joint step can only decide *how many* groups each layer gets. 
    the expert features) when going from ``c`` to ``c − 1`` groups;
 3. no layer goes below the model's top-k (every token needs k distinct experts).
 
-The cost is measured on the recipe's similarity features with the recipe's clustering, so the clusters that are
-finally used are the ones that were priced. With ``similarity_base = expert-output-cosine`` the features are the
-normalised output collections, whose squared distances ``2(1 − mean cosine)`` are scale-free and so comparable
-across layers.
+Each count is priced on the clusters the recipe's own clustering makes (so the clusters finally used are the ones
+that were priced), but the cost J is measured on the experts' *raw* output collections (eq. 3 as the paper writes
+it, statistic ``expert_output_gram``): the mean squared output change per token. Costs are compared *across
+layers*, so they must share units. The normalised (cosine) features are scale-free, which is what we want for
+clustering inside a layer but wrong between layers: measured on the bundled tiny-mixtral (8 → 6 average, blocks of
+2), pricing on cosine features sent merges to layers 0 and 3 (counts 4, 8, 8, 4) and held-out perplexity rose
+15×, while pricing in output units gave counts 8, 4, 5, 7 and a rise of a few percent.
 """
 
 from __future__ import annotations
@@ -98,15 +101,23 @@ def allocate(num_experts: dict[int, int], groups_per_layer: int, multi_layer: in
     return out
 
 
+# Statistic whose similarity base measures the allocation cost (see the module docstring).
+COST_FEATURES = "expert-output-collection"
+
+
 def adaptive_targets(ctx) -> dict[int, int]:
-    """Targets for :class:`~moemerge.group.GroupingContext` ``ctx`` from its recipe's ``multi_layer``, pricing each
-    count with the recipe's clustering on the recipe's similarity features."""
+    """Targets for :class:`~moemerge.group.GroupingContext` ``ctx`` from its recipe's ``multi_layer``: each count is
+    clustered with the recipe's clustering and features, and priced in output units (``COST_FEATURES``)."""
+    from .similarity import SIMILARITY
+
     recipe = ctx.recipe
     by_index = {layer.index: layer for layer in ctx.layers}
     features = {li: ctx.features(layer) for li, layer in by_index.items()}
+    priced_on = SIMILARITY.get(COST_FEATURES)
+    outputs = {li: priced_on.features(ctx.stats, layer) for li, layer in by_index.items()}
 
     def cost(li: int, c: int) -> float:
-        return cluster_cost(features[li], ctx.cluster(by_index[li], c, features[li]))
+        return cluster_cost(outputs[li], ctx.cluster(by_index[li], c, features[li]))
 
     return allocate({li: layer.num_experts for li, layer in by_index.items()}, recipe.num_average_groups,
                     recipe.multi_layer, ctx.top_k, cost)

@@ -80,6 +80,11 @@ def extra_statistics(recipe) -> list[str]:
     """Statistics the grouping options need beyond ``frequency`` and the similarity base's own."""
     if recipe.prune != "no":
         return list(PRUNE.get(recipe.prune).needs)
+    if recipe.multi_layer > 1:  # the allocation prices counts in output units (group/allocation.py)
+        from .allocation import COST_FEATURES
+        from .similarity import SIMILARITY
+
+        return list(SIMILARITY.get(COST_FEATURES).needs)
     if recipe.dominant == "frequency" and recipe.similarity_base == "expert-output":
         return [OVERLAP_STATISTIC[recipe.overlap_metric]]
     return []

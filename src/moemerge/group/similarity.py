@@ -72,6 +72,13 @@ def _expert_output_cosine(stats: Stats, layer: MoeLayer) -> np.ndarray:
     return gram_embedding(s["sum"] / s["tokens"].clamp_min(1))
 
 
+def _expert_output_collection(stats: Stats, layer: MoeLayer) -> np.ndarray:
+    # Sub-MoE eq. 3 as written: each expert's feature is its raw output collection Y_j over all tokens; the Gram
+    # embedding keeps ‖Y_i − Y_j‖² / T exactly (mean squared output difference per token).
+    s = stats.get(layer.index, "expert_output_gram")
+    return gram_embedding(s["sum"] / s["tokens"].clamp_min(1))
+
+
 SIMILARITY.add("expert-output", SimilarityBase(("expert_output_mean",), _expert_output,
                                                "mean output of each expert over all calibration tokens (HC-SMoE)"))
 SIMILARITY.add("router-logits", SimilarityBase(("router_logits",), _router_logits,
@@ -79,3 +86,6 @@ SIMILARITY.add("router-logits", SimilarityBase(("router_logits",), _router_logit
 SIMILARITY.add("weight", SimilarityBase((), _weight, "flattened gate, up and down weights"))
 SIMILARITY.add("expert-output-cosine", SimilarityBase(("expert_output_cosine",), _expert_output_cosine,
                                                       "per-token cosine of expert outputs (Sub-MoE eq. 2)"))
+SIMILARITY.add("expert-output-collection", SimilarityBase(
+    ("expert_output_gram",), _expert_output_collection,
+    "raw output collections over all tokens (Sub-MoE eq. 3 unnormalised; mean squared output difference)"))
