@@ -55,7 +55,8 @@ class Trial:
 
 
 def candidate_recipe(base: Recipe, options: dict) -> Recipe:
-    """``options`` (a ``preset`` name plus overrides) on top of ``base``'s model/calibration/size options."""
+    """``options`` (a ``preset`` name plus overrides; ``None`` removes an option the preset sets) on top of
+    ``base``'s model/calibration/size options."""
     from .methods import PRESETS
 
     options = dict(options)
@@ -64,7 +65,7 @@ def candidate_recipe(base: Recipe, options: dict) -> Recipe:
     if preset is not None:
         data.update(PRESETS.get(preset))
     data.update(options)
-    return Recipe.build(data)
+    return Recipe.build({k: v for k, v in data.items() if v is not None})
 
 
 def available_candidates(names: list[str] | None = None) -> dict[str, dict]:
