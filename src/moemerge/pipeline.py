@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from .calibrate import CalibrationSettings, Stats, calibrate
 from .calibrate.cache import versions
@@ -126,7 +127,7 @@ def merge_model(loaded: LoadedModel, recipe: Recipe, progress: bool = True) -> M
     t2 = time.perf_counter()
     merged = {}
     with torch.no_grad():
-        for layer in layers:
+        for layer in tqdm(layers, desc="merging", unit="layer", disable=not progress):
             if not plan.layers[layer.index].is_identity:
                 merged[layer.index] = merge_layer(layer, plan.layers[layer.index], recipe.merge, stats, recipe.mode,
                                                      recipe=recipe)
