@@ -108,8 +108,14 @@ def check_combinations(recipe) -> None:
                 parse_weighted_mode(mode)
             except MoemergeError as exc:
                 raise ValueError(str(exc)) from None
+    elif merge == "fit":  # mode names the single-pass merge that fit starts from (merge/fit.py)
+        from ..merge.fit import start_methods
+
+        if mode != "normal" and mode not in start_methods():
+            raise ValueError(f"mode {mode!r} is not a start for merge=fit; valid choices: normal, "
+                             f"{', '.join(start_methods())}")
     elif "mode" in given and mode != "normal":
-        raise ValueError(f"mode only applies to merge=zipit, fix-dom-same or weighted (merge is {merge!r})")
+        raise ValueError(f"mode only applies to merge=zipit, fix-dom-same, weighted or fit (merge is {merge!r})")
     for name in ("ingredient", "data_limit"):
         if name in given and getattr(recipe, name) is not None and merge not in NEURON_MERGES:
             raise ValueError(f"{name} only applies to merge=zipit or fix-dom-same (merge is {merge!r})")

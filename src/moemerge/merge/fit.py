@@ -51,11 +51,16 @@ def fit_objective(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Te
     return float((w @ a.to(torch.float64) * w).sum() - 2 * (w * b.to(torch.float64)).sum() + c.to(torch.float64))
 
 
+def start_methods() -> list[str]:
+    """Merges ``fit`` can start from: single-pass methods (no plan-aware pass of their own)."""
+    return [m for m in MERGE if m not in ("fit", "no") and MERGE.get(m).prepare is None]
+
+
 def start_method(mode: str) -> str:
     """The merge whose gate/up ``fit`` starts from: ``mode`` when it names another single-pass merge method
     (``freq``, ``aligned-freq``, ...), else M-SMoE's aligned frequency average when registered (experts trained
     from scratch share no neuron order, so their plain average is a poor start), else the frequency average."""
-    if mode in MERGE and mode not in ("fit", "no") and MERGE.get(mode).prepare is None:
+    if mode in start_methods():
         return mode
     return "aligned-freq" if "aligned-freq" in MERGE else "freq"
 
