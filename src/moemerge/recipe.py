@@ -91,7 +91,8 @@ class Recipe(BaseModel):
     router: str = Field("keep", validation_alias=AliasChoices("router", "format"),
                         description="Checkpoint format / router handling (alias --format): keep = all router rows, "
                                     "slots share merged experts (exact); collapse = one expert and row per group.")
-    router_adapt: str = Field("mean", description="How a collapsed router row is made from its group's rows.")
+    router_adapt: str = Field("fit", description="How a collapsed router row is made from its group's rows (fit: "
+                                                 "least squares to the members' log-sum-exp; measured best).")
     router_fit: bool = Field(False, description="Refit collapsed router rows on calibration tokens.")
     overwrite: bool = Field(False, description="Replace output_path if it exists.")
 
