@@ -283,3 +283,13 @@ def test_recipe_yaml_round_trip_and_cli_spellings(tmp_path):
     again = moemerge.Recipe.load(path)
     assert again == r and again.router == "collapse"
     assert moemerge.Recipe.load("hc-smoe").linkage == "average"
+
+
+def test_mapped_checkpoint_evaluates_but_is_not_merged_again(model_dirs, text_file, tmp_path):
+    out = tmp_path / "mapped"
+    moemerge.run(_recipe(model_dirs["mixtral"], text_file, out, num_average_groups=4, router="mapped"),
+                 progress=False)
+    proc = _cli("eval", str(out), "--ppl", str(text_file), "--seq-len", "32", "-q")
+    assert proc.returncode == 0 and "perplexity" in proc.stdout, proc.stderr
+    proc = _cli("merge", str(out), "--output", str(tmp_path / "again"), "--num-average-groups", "2", "-q")
+    assert proc.returncode == 2 and proc.stderr.strip().startswith("error: ") and "mapped" in proc.stderr

@@ -161,7 +161,7 @@ def eval_cmd(model: str, ppl: tuple[str, ...], task: str | None, num_fewshot: in
         from .loading import load_model
 
         tasks = resolve_tasks(task) if task else None  # bad task paths fail before the model loads
-        loaded = load_model(model, dtype, device)
+        loaded = load_model(model, dtype, device, require_moe=False)
         max_pos = getattr(loaded.model.config, "max_position_embeddings", seq_len) or seq_len
         texts = eval_texts(loaded.tokenizer, list(ppl), min(seq_len, max_pos), ppl_windows)
         ppls = perplexities(loaded.model, texts, batch_size, progress=not quiet)

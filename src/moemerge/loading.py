@@ -51,8 +51,18 @@ def _looks_like_hub_id(source: str) -> bool:
     return len(parts) == 2 and all(parts) and not source.startswith((".", "/", "~"))
 
 
+def ships_moemerge_code(config_path: Path) -> bool:
+    """A checkpoint written by moemerge's ``mapped`` / ``lowrank`` formats: its ``auto_map`` points at the
+    ``modeling_moemerge.py`` we ship, so loading it runs our own code, not a stranger's."""
+    try:
+        auto_map = json.loads(config_path.read_text()).get("auto_map", {})
+    except (OSError, json.JSONDecodeError):
+        return False
+    return bool(auto_map) and all(str(v).startswith("modeling_moemerge.") for v in auto_map.values())
+
+
 def load_model(source: str, dtype: str | None = "auto", device: str | None = "auto",
-               device_map: str | None = None) -> LoadedModel:
+               device_map: str | None = None, require_moe: bool = True) -> LoadedModel:
     """Load a causal-LM MoE checkpoint and its tokenizer.
 
     Args:
@@ -60,6 +70,8 @@ def load_model(source: str, dtype: str | None = "auto", device: str | None = "au
         dtype: ``auto`` (the checkpoint's), ``bfloat16`` or ``float32``.
         device: ``cpu``, ``cuda`` or ``auto``; ignored when ``device_map`` is given.
         device_map: passed to ``from_pretrained`` (``auto`` spreads a large model over several GPUs).
+        require_moe: refuse models whose MoE layers moemerge cannot merge (dense models, and moemerge's own
+            ``mapped`` / ``lowrank`` checkpoints, which can be evaluated but not merged again).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -72,24 +84,31 @@ def load_model(source: str, dtype: str | None = "auto", device: str | None = "au
         local_dir = None
     else:
         raise MoemergeError(f"model {source!r} is neither a local folder nor a hub id (owner/name)")
+    trust = local_dir is not None and ships_moemerge_code(local_dir / "config.json")
     try:
-        config = AutoConfig.from_pretrained(str(path) if local_dir else source)
+        config = AutoConfig.from_pretrained(str(path) if local_dir else source, trust_remote_code=trust)
     except (OSError, ValueError) as exc:  # offline hub, unknown repo, malformed config
         raise MoemergeError(f"cannot load config of {source!r}: {str(exc).splitlines()[0]}") from None
-    family_of(config)  # fail on dense / unsupported models before loading any weight
-    kwargs: dict = {"dtype": resolve_dtype(dtype)}
+    if require_moe:
+        if trust:
+            raise MoemergeError(f"{source!r} is a moemerge {config.model_type} checkpoint (mapped/lowrank format): "
+                                "evaluate it with `moemerge eval`; merge or analyse the original or a keep/compact one")
+        family_of(config)  # fail on dense / unsupported models before loading any weight
+    kwargs: dict = {"dtype": resolve_dtype(dtype), "trust_remote_code": trust}
     if device_map:
         kwargs["device_map"] = device_map
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path) if local_dir else source, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(str(path) if local_dir else source)
+        tokenizer = AutoTokenizer.from_pretrained(str(path) if local_dir else source, trust_remote_code=trust)
     except (OSError, ValueError) as exc:
         raise MoemergeError(f"cannot load {source!r}: {str(exc).splitlines()[0]}") from None
     if not device_map:
         model.to(resolve_device(device))
     model.eval()
-    moe_layers(model)
-    return LoadedModel(model, tokenizer, source, local_dir, fingerprint(model, local_dir, source))
+    if require_moe:
+        moe_layers(model)
+    return LoadedModel(model, tokenizer, source, local_dir,
+                       fingerprint(model, local_dir, source) if require_moe else "")
 
 
 def fingerprint(model: nn.Module, local_dir: Path | None = None, source: str = "") -> str:
