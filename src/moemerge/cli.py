@@ -240,13 +240,15 @@ def analyze(model: str, output: str | None, compare: str | None, calibration: st
 @click.option("--output", "-o", default=None, help="Output folder (default: a temporary folder).")
 @click.option("--num-average-groups", "--num_average_groups", "groups", type=int, default=None,
               help="Experts left per layer (default: half).")
-@click.option("--router", "--format", "router", default=None,
-              help="Checkpoint format: keep, collapse, mapped, ... (default: the preset's).")
+@click.option("--router", "--format", "router", default="collapse", show_default=True,
+              help="Checkpoint format: keep, collapse, mapped, ...")
 @click.option("--recipe", "recipe_name", default="hc-smoe", show_default=True, help="Preset to run.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def demo(model_name: str | None, output: str | None, groups: int | None, router: str, recipe_name: str,
          quiet: bool) -> None:
-    """Merge a bundled tiny MoE model with the bundled text and print the before/after table (offline)."""
+    """Merge a bundled tiny MoE model with the bundled text and print the before/after table (offline).
+
+    Default: HC-SMoE on tiny-qwen-moe, 16 -> 8 experts per layer, saved collapsed (smaller, stock transformers)."""
     import tempfile
 
     from . import zoo
@@ -262,7 +264,7 @@ def demo(model_name: str | None, output: str | None, groups: int | None, router:
         recipe = Recipe.load(recipe_name, model_path=str(path), output_path=out, calibration="bundled",
                              num_average_groups=groups or max(experts // 2, config["num_experts_per_tok"]),
                              n_sentences=32, seq_len=256, ppl=["bundled:test"], ppl_windows=64, router=router,
-                             overwrite=output is not None)  # router=None keeps the preset's
+                             overwrite=output is not None)
         from .pipeline import run
 
         result = run(recipe, progress=not quiet)

@@ -9,7 +9,9 @@ from ..errors import MoemergeError
 ROOT = Path(__file__).resolve().parent
 MODELS = {"tiny-mixtral": "Mixtral-style, 8 experts, top-2, trained from scratch",
           "tiny-qwen-moe": "Qwen1.5-MoE-style, 16 fine-grained experts, top-4, shared expert, upcycled"}
-DEFAULT_MODEL = "tiny-mixtral"
+# Upcycled like Qwen1.5-MoE (and, reportedly, Mixtral): the representative case. tiny-mixtral, trained from scratch,
+# is the adversarial one for weight averaging (its experts share no neuron order).
+DEFAULT_MODEL = "tiny-qwen-moe"
 
 
 def model_path(name: str = DEFAULT_MODEL) -> Path:
