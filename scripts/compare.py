@@ -53,6 +53,8 @@ ROWS: dict[str, tuple[str, dict]] = {
     "hc-smoe + fit": ("new", {"preset": "hc-smoe", "merge": "fit"}),
     "m-smoe + fit": ("new", {"preset": "m-smoe", "merge": "fit"}),
     "sub-moe + fit": ("new", {"preset": "sub-moe", "merge": "fit"}),
+    "global threshold + fit": ("new", {"preset": "hc-smoe", "hierarchical_stopping_metric": "distance",
+                                       "merge": "fit"}),
     "hc-smoe + fit + sequential": ("new", {"preset": "hc-smoe", "merge": "fit", "sequential": True}),
     "hc-smoe + fit, collapse": ("new", {"preset": "hc-smoe", "merge": "fit", "router": "collapse"}),
     "hc-smoe + fit, collapse + router-fit": ("new", {"preset": "hc-smoe", "merge": "fit", "router": "collapse",

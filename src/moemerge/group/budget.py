@@ -47,7 +47,7 @@ def threshold_counts(heights: dict[int, np.ndarray], sizes: dict[int, int], tota
     """Clusters per layer when every layer's dendrogram is cut at one global height.
 
     ``heights[layer]`` are the merge heights of that layer's linkage (non-decreasing, as for single, complete,
-    average and ward linkage), already normalised to be comparable across layers. Cutting at height ``t`` performs
+    average and ward linkage), in units comparable across layers. Cutting at height ``t`` performs
     the layer's merges with height ≤ t; ``t`` is the height of the last merge needed to reach ``total`` clusters
     overall, taking merges in increasing height (ties: lower layer first). A layer stops merging at ``floor``
     clusters (its later merges are skipped), so the threshold never empties a layer.
