@@ -36,6 +36,8 @@ CANDIDATES: dict[str, dict] = {
     "hc-smoe+fit": {"preset": "hc-smoe", "merge": "fit"},
     "hc-smoe+fit+sequential": {"preset": "hc-smoe", "merge": "fit", "sequential": True},
     "m-smoe+fit": {"preset": "m-smoe", "merge": "fit"},
+    "sub-moe+fit": {"preset": "sub-moe", "merge": "fit"},
+    "global-threshold+fit": {"preset": "hc-smoe", "hierarchical_stopping_metric": "distance", "merge": "fit"},
     "hc-smoe+fit+collapse+router-fit": {"preset": "hc-smoe", "merge": "fit", "router": "collapse",
                                         "router_fit": True},
 }
