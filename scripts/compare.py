@@ -88,6 +88,28 @@ def shared_statistics(recipes: list[Recipe]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def pivot(table_lines: list[str]) -> list[str]:
+    """The perplexity ratios of a finished comparison as one compact table: recipes × (model, share removed)."""
+    cols: list[str] = []
+    cells: dict[str, dict[str, str]] = {}
+    kinds: dict[str, str] = {}
+    model = ""
+    for line in table_lines:
+        if line.startswith("## "):
+            model = line[3:].split(" ")[0]
+        elif line.startswith("| ") and "%" in line.split("|")[1]:
+            parts = [p.strip() for p in line.strip("|").split("|")]
+            col = f"{model} −{parts[0]}"
+            if col not in cols:
+                cols.append(col)
+            kinds[parts[1]] = parts[2]
+            cells.setdefault(parts[1], {})[col] = parts[3] if not parts[3].startswith("failed") else "failed"
+    out = ["| recipe | kind | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+    for name, row in cells.items():
+        out.append(f"| {name} | {kinds[name]} | " + " | ".join(row.get(c, "") for c in cols) + " |")
+    return out
+
+
 def main() -> None:
     from moemerge.zoo import MODELS, model_path
 
@@ -166,6 +188,7 @@ def main() -> None:
                            f"(ratio {baseline[0]:.3f}); best overall **{best[1]}** (ratio {best[0]:.3f}), closing "
                            f"{closed:.0%} of the baseline's gap to the original.")
         lines += [""] + summary + [""]
+    lines[2:2] = ["Perplexity ratio (merged / original) at a glance:", ""] + pivot(lines) + [""]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
