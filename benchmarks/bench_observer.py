@@ -66,7 +66,8 @@ def main() -> None:
     print(f"{'pass':<52} {'seconds':>8} {'tokens/s':>10} {'speed':>7} {'peak RSS +MB':>13}")
     print(f"{'plain forward':<52} {base:8.3f} {tokens / base:10.0f} {1.0:7.2f} {0:13.0f}")
     for label, names in STAT_SETS.items():
-        t = best_of(lambda: observe(model, layers, wins, names, args.batch_size, progress=False), args.repeat)
+        t = best_of(lambda names=names: observe(model, layers, wins, names, args.batch_size, progress=False),
+                    args.repeat)
         rss = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
         print(f"{label:<52} {t:8.3f} {tokens / t:10.0f} {base / t:7.2f} {rss:13.0f}")
 

@@ -489,7 +489,7 @@ def analyze(name: str, folder: Path, train_info: dict | None) -> str:
             f"stdlib source, Python docs; see `../../data/corpus/LICENSES.md`). Not useful as a "
             f"language model; meant for testing expert merging / pruning.\n\n"
             + section.split("\n", 1)[1].split("### Routing by domain")[0]
-            + f"\nFull per-domain routing tables: `docs/zoo.md` in the repository.\n")
+            + "\nFull per-domain routing tables: `docs/zoo.md` in the repository.\n")
     (folder / "README.md").write_text(card, encoding="utf-8")
     return section, stats
 

@@ -25,7 +25,7 @@ def test_bundled_model_is_small_balanced_and_servable(name):
     stats = calibrate(loaded, CalibrationSettings("bundled:validation", n_sentences=8, seq_len=256), ["frequency"],
                       progress=False)
     top_k = family_of(loaded.model.config).top_k(loaded.model.config)
-    for layer, per in stats.layers.items():
+    for layer in stats.layers:
         share = stats.frequency(layer)
         num_experts = share.numel()
         assert share.min() > 0.5 * top_k / num_experts, f"layer {layer} has a starved expert: {share}"

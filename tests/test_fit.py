@@ -13,7 +13,6 @@ from moemerge.loading import LoadedModel, fingerprint
 from moemerge.merge import merge_layer
 from moemerge.merge.fit import add_fit_statistics, fit_objective, solve_down, start_method
 from moemerge.pipeline import merge_model
-from moemerge.save import apply_plan
 
 from conftest import FAMILIES, make_model
 

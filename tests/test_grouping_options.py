@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import moemerge
-from moemerge.calibrate import CalibrationSettings, Stats, calibrate
+from moemerge.calibrate import CalibrationSettings, calibrate
 from moemerge.errors import MoemergeError
 from moemerge.families import family_of, moe_layers
-from moemerge.group import CLUSTER, GroupingContext, plan_groups
+from moemerge.group import CLUSTER, plan_groups
 from moemerge.group.budget import frequency_budget, threshold_counts
 from moemerge.group.dominant import assign_to_dominants, random_plan
 from moemerge.group.overlap import squared_distances_from_gram, symmetric_kl

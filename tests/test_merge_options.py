@@ -13,14 +13,13 @@ from transformers import AutoModelForCausalLM
 import moemerge
 from moemerge.calibrate import CalibrationSettings, calibrate
 from moemerge.calibrate.group_stats import neuron_assignments
-from moemerge.families import moe_layers
 from moemerge.group.plan import LayerPlan, MergePlan
 from moemerge.loading import LoadedModel, fingerprint
 from moemerge.merge import MERGE, GroupInputs, weighted_average
 from moemerge.merge.align import align_group, match_permutation, permute_expert, weight_similarity
 from moemerge.merge.zipit import ASSIGN_STAT, merge_by_assignment, zip_features
 
-from conftest import FAMILIES, make_model
+from conftest import make_model
 
 I, H = 6, 5
 

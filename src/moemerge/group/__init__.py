@@ -60,7 +60,7 @@ def _cluster_layers(ctx: GroupingContext) -> dict[int, LayerPlan]:
     for layer in ctx.layers:
         feats = ctx.features(layer)
         labels = ctx.cluster(layer, ctx.targets[layer.index], feats)
-        plans[layer.index] = LayerPlan.from_labels(layer.index, labels, lambda g: closest_to_centre(feats, g))
+        plans[layer.index] = LayerPlan.from_labels(layer.index, labels, lambda g, f=feats: closest_to_centre(f, g))
     return plans
 
 
