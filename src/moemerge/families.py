@@ -32,6 +32,14 @@ class FamilySpec:
         shared_attrs: attributes of the block that belong to the shared expert (left untouched).
         renormalize: ``"always"``, ``"never"`` or the name of the config flag (``"norm_topk_prob"``) that decides
             whether the top-k routing weights are renormalised to sum to one.
+        route_exact: :meth:`route` (softmax → top-k → renormalise) is exactly the family's routing. False for
+            DeepSeek (scaling factor, group-limited choice, sigmoid scores): features that re-route tokens
+            (interventions, router refitting) are refused there, while everything that reads the routing the model
+            really used still works.
+        scoring: ``softmax`` or ``sigmoid`` router scores (a collapsed row fitted to a log-sum-exp needs softmax).
+        router_buffers: expert-indexed buffers of the router that must shrink with its rows
+            (DeepSeek-V3's ``e_score_correction_bias``).
+        group_key: config key of the number of expert groups for group-limited routing (``n_group``).
     """
 
     name: str
@@ -43,7 +51,17 @@ class FamilySpec:
     experts_attr: str = "experts"
     shared_attrs: tuple[str, ...] = ()
     renormalize: str = "always"
+    route_exact: bool = True
+    scoring: str = "softmax"
+    router_buffers: tuple[str, ...] = ()
+    group_key: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def expert_groups(self, config) -> int:
+        """Groups of contiguous expert ids that group-limited routing picks from (1 when routing is not grouped)."""
+        if self.group_key is None or getattr(config, "topk_method", None) == "greedy":
+            return 1
+        return int(getattr(config, self.group_key, 1) or 1)
 
     # ---- config ----------------------------------------------------------------------------------------------
     def num_experts(self, config) -> int:
@@ -159,6 +177,15 @@ FAMILIES.add(
 FAMILIES.add("qwen3_moe", FamilySpec("qwen3_moe", ("qwen3_moe",), ("num_experts", "num_local_experts"),
                                      renormalize="norm_topk_prob"))
 FAMILIES.add("olmoe", FamilySpec("olmoe", ("olmoe",), ("num_experts",), renormalize="norm_topk_prob"))
+# DeepSeek-V2 (softmax, greedy or group-limited top-k, × routed_scaling_factor) and DeepSeek-V3 (sigmoid scores, a
+# score-correction bias for the choice, group-limited top-k): same fused experts; dense first layers are skipped.
+FAMILIES.add("deepseek_v2", FamilySpec("deepseek_v2", ("deepseek_v2",), ("n_routed_experts", "num_experts"),
+                                       shared_attrs=("shared_experts",), renormalize="never", route_exact=False,
+                                       group_key="n_group"))
+FAMILIES.add("deepseek_v3", FamilySpec("deepseek_v3", ("deepseek_v3",), ("n_routed_experts", "num_local_experts"),
+                                       shared_attrs=("shared_experts",), renormalize="norm_topk_prob",
+                                       route_exact=False, scoring="sigmoid",
+                                       router_buffers=("e_score_correction_bias",), group_key="n_group"))
 
 
 def family_of(config) -> FamilySpec:

@@ -27,7 +27,7 @@ from .group.plan import MergePlan
 from .loading import LoadedModel, load_model
 from .merge import MERGE, merge_layer
 from .recipe import Recipe
-from .save import (SaveReport, apply_plan, check_plan, count_parameters, original_config, prepare_output,
+from .save import (FORMATS, SaveReport, apply_plan, check_plan, count_parameters, original_config, prepare_output,
                    router_statistics, save_checkpoint)
 
 LOG = logging.getLogger(__name__)
@@ -95,6 +95,20 @@ def validate_for_model(recipe: Recipe, model) -> None:
     if not layers:
         raise MoemergeError(f"start_layer={recipe.start_layer} leaves no MoE layer to merge")
     uniform_targets(layers, recipe.num_average_groups, top_k)
+    shrinks = FORMATS.get(recipe.router).changes_count
+    if shrinks and spec.expert_groups(model.config) > 1:
+        raise MoemergeError(f"{spec.name} routes within {spec.expert_groups(model.config)} groups of contiguous "
+                            f"experts (n_group), which a changed expert count would scramble; use --format keep")
+    if FORMATS.get(recipe.router).remote_code:
+        from .save.mapped import check_family
+
+        check_family(spec.name, recipe.router)
+    if recipe.router_fit and not spec.route_exact:
+        raise MoemergeError(f"router_fit re-routes tokens with softmax top-k, which is not {spec.name}'s routing")
+    if shrinks and spec.scoring != "softmax" and "router_adapt" in recipe.model_fields_set \
+            and recipe.router_adapt != "mean":
+        raise MoemergeError(f"router_adapt={recipe.router_adapt} fits softmax routing; {spec.name} scores experts "
+                            f"with a {spec.scoring}, so only router_adapt=mean applies")
     if recipe.router == "collapse" and recipe.start_layer > min(l.index for l in moe_layers(model)):
         raise MoemergeError("router=collapse needs every MoE layer merged to one count; start_layer leaves "
                             "earlier layers with all experts (use --router keep)")
@@ -114,8 +128,10 @@ def merge_model(loaded: LoadedModel, recipe: Recipe, progress: bool = True) -> M
     if recipe.merge == "no" or recipe.num_average_groups is None:
         return result
     t0 = time.perf_counter()
+    # Fitted router rows approximate a softmax; sigmoid-scored routers (DeepSeek-V3) get the mean row.
+    adapt = recipe.router_adapt if spec.scoring == "softmax" else "mean"
     names = needed_statistics(recipe) + list(MERGE.get(recipe.merge).statistics(recipe))
-    names += router_statistics(recipe.router, recipe.router_adapt)
+    names += router_statistics(recipe.router, adapt)
     stats = calibrate(loaded, calibration_settings(recipe, model), names, progress=progress)
     t1 = time.perf_counter()
     layers = moe_layers(model)
@@ -134,7 +150,7 @@ def merge_model(loaded: LoadedModel, recipe: Recipe, progress: bool = True) -> M
         frequencies = {layer.index: stats.frequency(layer.index) for layer in layers}
 
         def _apply() -> None:
-            apply_plan(model, plan, merged, frequencies, recipe.router, recipe.router_adapt, stats=stats)
+            apply_plan(model, plan, merged, frequencies, recipe.router, adapt, stats=stats)
 
         if recipe.router_fit:  # sample the original block outputs, collapse, refit the rows (save/router_refit.py)
             from .save.router_refit import refit_routers

@@ -122,7 +122,7 @@ def analyze(loaded: LoadedModel, settings: CalibrationSettings,
     analysis = Analysis(loaded.source, spec.name, spec.top_k(model.config), layers,
                         {k: stats.meta.get(k) for k in ("calibration", "windows", "model_runs", "from_cache")},
                         merge_info=info)
-    if importance_windows is not None:
+    if importance_windows is not None and spec.route_exact:  # masking re-routes tokens (not for DeepSeek)
         from .interventions import expert_importance
 
         analysis.base_loss, imp = expert_importance(model, importance_windows, batch_size, progress=progress)

@@ -62,6 +62,8 @@ def intervene(model: nn.Module, mask: Selection | None = None, force: Selection 
     """Within the block, routers never pick ``mask`` experts and pick only among ``force`` experts."""
     mask, force = mask or {}, force or {}
     spec = family_of(model.config)
+    if (mask or force) and not spec.route_exact:
+        raise MoemergeError(f"routing interventions re-route with softmax top-k, which is not {spec.name}'s routing")
     top_k, renorm = spec.top_k(model.config), spec.renormalizes(model.config)
     layers = {layer.index: layer for layer in moe_layers(model)}
     sizes = {li: layer.router.weight.shape[0] for li, layer in layers.items()}

@@ -21,7 +21,7 @@ from torch import nn
 from ..errors import MoemergeError
 from ..families import MoeLayer
 from ..group.plan import LayerPlan, MergePlan
-from ..merge import MergedLayer
+from ..merge import MergedLayer, frequency_weights
 from ..registry import Registry
 
 
@@ -62,8 +62,6 @@ def adapt_rows(name: str, weight: torch.Tensor, slots: list[list[int]], frequenc
 @ROUTER_ADAPT.register("mean")
 def mean_row(rows: torch.Tensor, frequency: torch.Tensor) -> torch.Tensor:
     """Frequency-weighted mean of the members' router rows."""
-    from ..merge import frequency_weights
-
     alpha = frequency_weights(frequency).to(torch.float64)
     return (alpha[:, None] * rows.to(torch.float64)).sum(0)
 
@@ -88,6 +86,10 @@ def apply_collapse(layer: MoeLayer, plan: LayerPlan, merged: MergedLayer, freque
     _set_param(layer.experts, "gate_up_proj", merged.gate_up)
     _set_param(layer.experts, "down_proj", merged.down)
     _set_param(layer.router, "weight", rows)
+    for name in layer.family.router_buffers:  # e.g. DeepSeek-V3's score-correction bias: one entry per group
+        old = getattr(layer.router, name)
+        alpha = [frequency_weights(frequency[g]).to(old) for g in plan.groups]
+        setattr(layer.router, name, torch.stack([(a * old[g]).sum() for a, g in zip(alpha, plan.groups)]))
     for module in (layer.experts, layer.router):
         module.num_experts = plan.num_groups
 

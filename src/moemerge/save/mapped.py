@@ -35,10 +35,11 @@ REMOTE_CLASSES = {
 }
 
 
-def _check_family(layer: MoeLayer, fmt: str) -> None:
-    if layer.family.name not in REMOTE_CLASSES:
+def check_family(family: str, fmt: str) -> None:
+    """The shipped modeling code covers these families only; called before calibration and again at apply time."""
+    if family not in REMOTE_CLASSES:
         raise MoemergeError(f"--format {fmt} ships modeling code for {', '.join(REMOTE_CLASSES)} only, "
-                            f"not {layer.family.name}")
+                            f"not {family}; use --format keep, collapse or padded")
 
 
 def _install(layer: MoeLayer, experts: nn.Module, old: nn.Module) -> None:
@@ -51,7 +52,7 @@ def _install(layer: MoeLayer, experts: nn.Module, old: nn.Module) -> None:
 def apply_mapped(layer: MoeLayer, plan: LayerPlan, merged: MergedLayer, frequency: torch.Tensor,
                  adapt: str = "mean", inputs: torch.Tensor | None = None) -> None:
     """Replace the layer's experts with its G merged experts plus the map original -> merged; router untouched."""
-    _check_family(layer, "mapped")
+    check_family(layer.family.name, "mapped")
     old = layer.experts
     hidden, inter = old.gate_up_proj.shape[2], old.down_proj.shape[2]
     experts = MappedExperts(plan.group_of(), hidden, inter, "silu")
@@ -96,7 +97,7 @@ def stack_factors(merged: MergedLayer) -> dict[str, tuple[torch.Tensor, torch.Te
 def apply_lowrank(layer: MoeLayer, plan: LayerPlan, merged: MergedLayer, frequency: torch.Tensor,
                   adapt: str = "mean", inputs: torch.Tensor | None = None) -> None:
     """As :func:`apply_mapped`, storing each merged matrix as its two factors."""
-    _check_family(layer, "lowrank")
+    check_family(layer.family.name, "lowrank")
     old = layer.experts
     hidden, inter = old.gate_up_proj.shape[2], old.down_proj.shape[2]
     factors = stack_factors(merged)

@@ -1,0 +1,104 @@
+"""DeepSeek-V2 / V3 layouts (shared experts, dense first layer, routed scaling, V3's sigmoid scores with a
+score-correction bias and group-limited choice): what works, and the one-line refusals for what cannot."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import moemerge
+from moemerge.errors import MoemergeError
+from moemerge.families import family_of, moe_layers
+
+
+def _tiny(version: str, vocab_size: int, n_group: int):
+    from transformers import DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM
+
+    common = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                  num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=2, n_routed_experts=8,
+                  n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1, n_group=n_group, topk_group=1,
+                  max_position_embeddings=128, q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8,
+                  qk_nope_head_dim=8, v_head_dim=8, routed_scaling_factor=2.0, bos_token_id=1, eos_token_id=2,
+                  pad_token_id=3)
+    if version == "v2":
+        cfg = DeepseekV2Config(**common, topk_method="greedy" if n_group == 1 else "group_limited_greedy")
+        model = DeepseekV2ForCausalLM(cfg)
+    else:
+        model = DeepseekV3ForCausalLM(DeepseekV3Config(**common, norm_topk_prob=True))
+    with torch.no_grad():
+        for layer in moe_layers(model):
+            layer.router.weight.normal_(0, 0.5)
+            if hasattr(layer.router, "e_score_correction_bias"):
+                layer.router.e_score_correction_bias.normal_(0, 0.1)
+    return model.eval()
+
+
+@pytest.fixture(scope="module", params=[("v2", 1), ("v3", 1), ("v3", 2)], ids=["v2", "v3", "v3-grouped"])
+def deepseek_dir(request, tmp_path_factory, tokenizer):
+    version, n_group = request.param
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp(f"deepseek-{version}-{n_group}")
+    _tiny(version, len(tokenizer), n_group).save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    return version, n_group, d
+
+
+def _recipe(d, text_file, out, **kw):
+    return moemerge.Recipe.build(dict(model_path=str(d), output_path=str(out), calibration=str(text_file),
+                                      seq_len=32, n_sentences=6, ppl=["none"], dtype="float32", fidelity=False,
+                                      report=False), **kw)
+
+
+def test_moe_layers_skip_the_dense_first_layer(deepseek_dir):
+    _, _, d = deepseek_dir
+    model = AutoModelForCausalLM.from_pretrained(d)
+    assert [layer.index for layer in moe_layers(model)] == [1, 2]
+    assert family_of(model.config).num_experts(model.config) == 8
+
+
+def test_keep_with_all_groups_is_exact_and_merging_reloads(deepseek_dir, text_file, tmp_path, tokenizer):
+    _, _, d = deepseek_dir
+    ids = tokenizer("def fibonacci(n): And God said", return_tensors="pt")["input_ids"]
+    reference = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+    same = moemerge.run(_recipe(d, text_file, tmp_path / "same", num_average_groups=8), progress=False)
+    merged = moemerge.run(_recipe(d, text_file, tmp_path / "merged", num_average_groups=4), progress=False)
+    with torch.no_grad():
+        a = AutoModelForCausalLM.from_pretrained(same.saved.path, dtype=torch.float32)(input_ids=ids).logits
+        b = reference(input_ids=ids).logits
+    assert (a - b).abs().max() <= 1e-5
+    assert merged.plan.counts() == {1: 4, 2: 4}
+
+
+def test_collapse_and_pruning_follow_the_expert_groups(deepseek_dir, text_file, tmp_path):
+    version, n_group, d = deepseek_dir
+    out = tmp_path / "small"
+    if n_group > 1:
+        with pytest.raises(MoemergeError, match="n_group"):
+            moemerge.run(_recipe(d, text_file, out, num_average_groups=4, router="collapse"), progress=False)
+        assert not out.exists()
+        return
+    for recipe in (_recipe(d, text_file, out, num_average_groups=4, router="collapse"),
+                   moemerge.Recipe.load("reap", **_recipe(d, text_file, out, num_average_groups=4,
+                                                          overwrite=True).model_dump(exclude_defaults=True))):
+        result = moemerge.run(recipe, progress=False)
+        model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"]
+        assert family_of(model.config).num_experts(model.config) == 4
+        if version == "v3":
+            assert moe_layers(model)[0].router.e_score_correction_bias.shape == (4,)
+        assert result.parameters_after < result.parameters_before
+
+
+def test_rerouting_features_are_refused(deepseek_dir, text_file, tmp_path):
+    _, _, d = deepseek_dir
+    with pytest.raises(MoemergeError, match="router_fit|n_group"):
+        moemerge.run(_recipe(d, text_file, tmp_path / "o", num_average_groups=4, router="collapse",
+                             router_fit=True), progress=False)
+
+
+def test_formats_with_shipped_code_are_refused_in_one_line(deepseek_dir, text_file, tmp_path):
+    _, _, d = deepseek_dir
+    with pytest.raises(MoemergeError, match="modeling code"):
+        moemerge.run(_recipe(d, text_file, tmp_path / "o", num_average_groups=4, router="mapped"), progress=False)
+    assert not (tmp_path / "o").exists()
