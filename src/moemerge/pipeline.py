@@ -28,7 +28,7 @@ from .loading import LoadedModel, load_model
 from .merge import MERGE, merge_layer
 from .recipe import Recipe
 from .save import (FORMATS, SaveReport, apply_plan, check_plan, count_parameters, original_config, prepare_output,
-                   router_statistics, save_checkpoint)
+                   router_adapt_for, router_statistics, save_checkpoint)
 
 LOG = logging.getLogger(__name__)
 
@@ -116,20 +116,19 @@ def validate_for_model(recipe: Recipe, model) -> None:
 
 def merge_model(loaded: LoadedModel, recipe: Recipe, progress: bool = True) -> MergeResult:
     """Merge ``loaded.model`` in place according to ``recipe`` and return what happened (no files written)."""
+    model = loaded.model
+    validate_for_model(recipe, model)
     if recipe.sequential:  # layer by layer on the already-merged model (sequential.py)
         from .sequential import merge_sequential
 
         return merge_sequential(loaded, recipe, progress)
-    model = loaded.model
-    validate_for_model(recipe, model)
     spec = family_of(model.config)
     top_k = spec.top_k(model.config)
     result = MergeResult(recipe, None, None, count_parameters(model), count_parameters(model))
     if recipe.merge == "no" or recipe.num_average_groups is None:
         return result
     t0 = time.perf_counter()
-    # Fitted router rows approximate a softmax; sigmoid-scored routers (DeepSeek-V3) get the mean row.
-    adapt = recipe.router_adapt if spec.scoring == "softmax" else "mean"
+    adapt = router_adapt_for(recipe, spec)
     names = needed_statistics(recipe) + list(MERGE.get(recipe.merge).statistics(recipe))
     names += router_statistics(recipe.router, adapt)
     stats = calibrate(loaded, calibration_settings(recipe, model), names, progress=progress)

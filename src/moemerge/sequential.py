@@ -30,7 +30,7 @@ from .group.plan import LayerPlan, MergePlan
 from .loading import LoadedModel
 from .merge import MERGE, merge_layer
 from .recipe import Recipe
-from .save import FORMATS, apply_plan, check_plan, count_parameters, router_statistics
+from .save import FORMATS, apply_plan, check_plan, count_parameters, router_adapt_for, router_statistics
 
 LOG = logging.getLogger(__name__)
 
@@ -64,7 +64,8 @@ def merge_sequential(loaded: LoadedModel, recipe: Recipe, progress: bool = True)
     model = loaded.model
     validate_for_model(recipe, model)
     _check_per_layer(recipe)
-    top_k = family_of(model.config).top_k(model.config)
+    spec = family_of(model.config)
+    top_k = spec.top_k(model.config)
     result = MergeResult(recipe, None, None, count_parameters(model), count_parameters(model))
     if recipe.merge == "no" or recipe.num_average_groups is None:
         return result
@@ -72,7 +73,7 @@ def merge_sequential(loaded: LoadedModel, recipe: Recipe, progress: bool = True)
     wins, description = calibration_windows(loaded, settings)
     method = MERGE.get(recipe.merge)
     names = list(dict.fromkeys(needed_statistics(recipe) + list(method.statistics(recipe))
-                               + router_statistics(recipe.router, recipe.router_adapt)))
+                               + router_statistics(recipe.router, router_adapt_for(recipe, spec))))
     layers = moe_layers(model)
     plans = {layer.index: LayerPlan.identity(layer.index, layer.num_experts) for layer in layers}
     frequencies: dict[int, dict] = {}
@@ -115,11 +116,10 @@ def merge_sequential(loaded: LoadedModel, recipe: Recipe, progress: bool = True)
                 apply_plan(model, MergePlan({**{li: LayerPlan.identity(li, p.num_experts) for li, p in plans.items()},
                                              layer.index: layer_plan}),
                            {layer.index: merged}, {layer.index: stats.frequency(layer.index)}, recipe.router,
-                           recipe.router_adapt, stats=stats)
+                           router_adapt_for(recipe, spec), stats=stats)
                 if sample and layer.index in sample:
                     from .save.router_refit import refit_layer
 
-                    spec = family_of(model.config)
                     refit_layer(layer, sample[layer.index], top_k, spec.renormalizes(model.config))
         plans[layer.index] = layer_plan
         frequencies[layer.index] = stats.layers[layer.index]["frequency"]

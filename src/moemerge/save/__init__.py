@@ -20,7 +20,13 @@ from .formats import FORMATS, ROUTER_ADAPT, check_plan
 from .mapped import check_expert_ids, remote_config
 
 __all__ = ["FORMATS", "ROUTER_ADAPT", "check_plan", "apply_plan", "SaveReport", "save_checkpoint",
-           "prepare_output", "count_parameters", "original_config", "router_statistics"]
+           "prepare_output", "count_parameters", "original_config", "router_statistics", "router_adapt_for"]
+
+
+def router_adapt_for(recipe, spec) -> str:
+    """The router adaptation actually used: fitted rows approximate a softmax, so sigmoid-scored routers
+    (DeepSeek-V3) get the mean row."""
+    return recipe.router_adapt if spec.scoring == "softmax" else "mean"
 
 
 def router_statistics(router: str, router_adapt: str) -> list[str]:
