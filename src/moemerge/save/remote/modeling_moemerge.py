@@ -135,40 +135,32 @@ def _install(model: nn.Module, config, intermediate_size: int) -> None:
             decoder_layer.mlp.experts = experts
 
 
-class MixtralMappedConfig(MixtralConfig):
-    model_type = "mixtral_mapped"
+def _mapped_family(base_config: type, base_model: type, model_type: str, intermediate_key: str):
+    """A config class (``model_type``, plus ``expert_map`` / ``expert_ranks``) and a causal-LM class that builds the
+    stock model, then swaps in the mapped experts of every layer the config describes."""
 
-    def __init__(self, expert_map: dict | None = None, expert_ranks: dict | None = None, **kwargs) -> None:
+    def config_init(self, expert_map: dict | None = None, expert_ranks: dict | None = None, **kwargs) -> None:
         self.expert_map = expert_map
         self.expert_ranks = expert_ranks
-        super().__init__(**kwargs)
+        base_config.__init__(self, **kwargs)
 
+    config_cls = type(base_config.__name__.replace("Config", "MappedConfig"), (base_config,),
+                      {"model_type": model_type, "__init__": config_init, "__module__": __name__})
 
-class MixtralMappedForCausalLM(MixtralForCausalLM):
-    config_class = MixtralMappedConfig
-
-    def __init__(self, config: MixtralMappedConfig) -> None:
-        super().__init__(config)
-        _install(self, config, config.intermediate_size)
+    def model_init(self, config) -> None:
+        base_model.__init__(self, config)
+        _install(self, config, getattr(config, intermediate_key))
         self.post_init()
 
-
-class Qwen2MoeMappedConfig(Qwen2MoeConfig):
-    model_type = "qwen2_moe_mapped"
-
-    def __init__(self, expert_map: dict | None = None, expert_ranks: dict | None = None, **kwargs) -> None:
-        self.expert_map = expert_map
-        self.expert_ranks = expert_ranks
-        super().__init__(**kwargs)
+    model_cls = type(base_model.__name__.replace("ForCausalLM", "MappedForCausalLM"), (base_model,),
+                     {"config_class": config_cls, "__init__": model_init, "__module__": __name__})
+    return config_cls, model_cls
 
 
-class Qwen2MoeMappedForCausalLM(Qwen2MoeForCausalLM):
-    config_class = Qwen2MoeMappedConfig
-
-    def __init__(self, config: Qwen2MoeMappedConfig) -> None:
-        super().__init__(config)
-        _install(self, config, config.moe_intermediate_size)
-        self.post_init()
+MixtralMappedConfig, MixtralMappedForCausalLM = _mapped_family(MixtralConfig, MixtralForCausalLM, "mixtral_mapped",
+                                                               "intermediate_size")
+Qwen2MoeMappedConfig, Qwen2MoeMappedForCausalLM = _mapped_family(Qwen2MoeConfig, Qwen2MoeForCausalLM,
+                                                                 "qwen2_moe_mapped", "moe_intermediate_size")
 
 
 # The custom model types get no checkpoint conversion by default, so they would save fused keys and could not read
