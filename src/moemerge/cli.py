@@ -89,6 +89,9 @@ def _setup_logging(verbose: bool, quiet: bool = False) -> None:
 
     if not verbose:
         transformers.logging.set_verbosity_error()
+        import huggingface_hub
+
+        huggingface_hub.utils.logging.set_verbosity_error()  # offline retries would print before our one-line error
     if quiet:
         transformers.utils.logging.disable_progress_bar()
 
