@@ -26,6 +26,10 @@ REGISTRIES: dict[str, Registry] = {
 PRESETS: Registry[dict] = Registry("recipe")
 PRESETS.add("hc-smoe", {"dominant": "no", "similarity_base": "expert-output", "cluster": "hierarchical",
                         "linkage": "average", "merge": "freq"})
+# The house recipe, best in 3 of 4 settings of scripts/compare.py: HC-SMoE's features and linkage, one global cut
+# over all layers in output units (non-uniform counts: save with keep, mapped or padded), and output-fitted merging.
+PRESETS.add("moemerge", {"dominant": "no", "similarity_base": "expert-output", "cluster": "hierarchical",
+                         "linkage": "average", "hierarchical_stopping_metric": "distance", "merge": "fit"})
 # Sub-MoE (arXiv 2506.23266): eq. 2 output-cosine features, k-means++ (eq. 3), 2-layer adaptive allocation (the
 # paper's default), subspace merge (eqs. 5–8, = frequency averaging at full rank). † adds rank truncation with
 # activation whitening (eqs. 10–12), saved as two factors per matrix (--format lowrank; keep/collapse store the
