@@ -22,7 +22,7 @@ import time
 import torch
 
 from .calibrate import Stats, calibration_windows
-from .calibrate.fit_stats import run_observed
+from .calibrate.observer import run_observed
 from .errors import MoemergeError
 from .families import family_of, moe_layers
 from .group import merged_layers, needed_statistics, plan_groups
@@ -90,23 +90,15 @@ def merge_sequential(loaded: LoadedModel, recipe: Recipe, progress: bool = True)
         layer_plan = plan_groups(recipe, stats, [layer], top_k).layers[layer.index]
         full = MergePlan({**plans, layer.index: layer_plan})
         check_plan(MergePlan({layer.index: layer_plan}), recipe.router, top_k)
-        if method.prepare is not None and not layer_plan.is_identity:
-            if recipe.merge == "fit":  # its pass can stop after this layer too
-                from .merge.fit import add_fit_statistics
-
-                add_fit_statistics(model, [layer], full, stats, wins, recipe.mode, settings.train_batch_size,
-                                   progress, stop_after=layer, recipe=recipe)
-            else:
-                stats = method.prepare(loaded, recipe, full, stats, settings, progress)
+        if method.prepare is not None and not layer_plan.is_identity:  # this layer only, cut after it
+            stats = method.prepare(loaded, recipe, full, stats, settings, progress, layers=[layer.index],
+                                   stop_after=layer)
             meta["model_runs"] += 1
         t2 = time.perf_counter()
         sample = None
         if recipe.router_fit and not layer_plan.is_identity:
             from .save.router_refit import capture
 
-            if recipe.router != "collapse":
-                raise MoemergeError(f"router_fit refits collapsed router rows; it needs router=collapse (got "
-                                    f"{recipe.router!r})")
             sample = capture(model, [layer], wins, settings.train_batch_size, progress, stop_after=layer)
             meta["model_runs"] += 1
         with torch.no_grad():

@@ -25,10 +25,9 @@ from typing import Iterable
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..families import MoeLayer, expert_intermediate
-from .observer import Observer
+from .observer import run_observed
 from .stats import LayerBatch, Statistic
 
 # Largest number of routed tokens pushed through one group's members at once (bounds [n, T, 2I] temporaries).
@@ -80,44 +79,6 @@ class GroupFitAccumulator(Statistic):
 
     def result(self) -> dict[str, torch.Tensor]:
         return {k: v.cpu() for k, v in self.sums.items()}
-
-
-class _StopForward(Exception):
-    """Raised by a hook after the last layer of interest: the rest of the model is not needed."""
-
-
-@torch.no_grad()
-def run_observed(model: nn.Module, windows: torch.Tensor, accumulators: dict[int, list] | None,
-                 layers: list[MoeLayer], batch_size: int = 1, progress: bool = False,
-                 stop_after: MoeLayer | None = None, desc: str = "calibrating", names: list[str] = ()
-                 ) -> Observer:
-    """Run ``windows`` through ``model`` with Observer hooks on ``layers`` feeding the registered statistics
-    ``names`` or, when given, the ``accumulators`` (anything with ``update(LayerBatch)``); returns the observer.
-
-    ``stop_after``: abort each forward right after that MoE block, since later layers cannot change what the
-    hooked layers see (this halves the cost of the layer-by-layer sequential pass on average).
-    """
-    observer = Observer(layers, list(names))
-    if accumulators is not None:
-        observer.accumulators = accumulators
-    device = next(model.parameters()).device
-    stop = None
-    if stop_after is not None:
-        def _raise(module, args, output):
-            raise _StopForward
-
-        stop = stop_after.block.register_forward_hook(_raise)
-    try:
-        with observer.attached():
-            for lo in tqdm(range(0, len(windows), batch_size), desc=desc, unit="batch", disable=not progress):
-                try:
-                    model(input_ids=windows[lo:lo + batch_size].to(device), use_cache=False)
-                except _StopForward:
-                    pass
-    finally:
-        if stop is not None:
-            stop.remove()
-    return observer
 
 
 def fit_statistics(model: nn.Module, layers: list[MoeLayer], groups: dict[int, list[list[int]]],

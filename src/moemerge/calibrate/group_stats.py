@@ -20,7 +20,7 @@ import torch
 
 from ..families import MoeLayer, expert_intermediate, moe_layers
 from ..group.plan import MergePlan
-from .observer import Observer
+from .observer import run_observed
 from .stats import LayerBatch, Statistic
 
 LOG = logging.getLogger(__name__)
@@ -87,15 +87,17 @@ def similarity_for_group(acc: GroupActivationMoments | None, gi: int, gate_up: t
 
 
 @torch.no_grad()
-def neuron_assignments(loaded, recipe, plan: MergePlan, stats, settings, progress: bool = True):
+def neuron_assignments(loaded, recipe, plan: MergePlan, stats, settings, progress: bool = True,
+                       only: list[int] | None = None, stop_after=None):
     """Stats with, per layer, entry ``group_assign`` = {"m1,m2,...": neuron cluster ids [n·I]} for every group of
-    more than one expert, computed with ``recipe.merge``'s matching from ``recipe.ingredient`` / ``recipe.mode``."""
+    more than one expert, computed with ``recipe.merge``'s matching from ``recipe.ingredient`` / ``recipe.mode``.
+    ``only`` restricts it to those MoE layer indices; ``stop_after`` cuts each forward after that MoE layer."""
     from ..merge.zipit import ASSIGN_STAT, assignment, group_key
     from . import Stats, calibration_windows
 
     model = loaded.model
     layers = {layer.index: layer for layer in moe_layers(model)}
-    jobs = [(li, members, dom) for li, lp in sorted(plan.layers.items())
+    jobs = [(li, members, dom) for li, lp in sorted(plan.layers.items()) if only is None or li in only
             for members, dom in zip(lp.groups, lp.dominant) if len(members) > 1]
     new_layers = {li: dict(per) for li, per in stats.layers.items()}
     for li, _, _ in jobs:
@@ -111,17 +113,14 @@ def neuron_assignments(loaded, recipe, plan: MergePlan, stats, settings, progres
         if use_act:
             if wins is None:
                 wins, _ = calibration_windows(loaded, settings)
-            observer = Observer([layers[li] for li in by_layer], [])
             device = next(model.parameters()).device
             for li, groups in by_layer.items():
                 accs[li] = GroupActivationMoments(layers[li], device, [g for g, _ in groups], with_router,
                                                   recipe.data_limit)
-                observer.accumulators[li] = [accs[li]]
-            with observer.attached():
-                for start in range(0, len(wins), settings.train_batch_size):
-                    if all(a.full() for a in accs.values()):
-                        break  # data_limit reached for every group: no need to run the rest
-                    model(input_ids=wins[start:start + settings.train_batch_size].to(device), use_cache=False)
+            # Stop as soon as every group has its data_limit of tokens: the rest of the text adds nothing.
+            run_observed(model, wins, {li: [acc] for li, acc in accs.items()}, [layers[li] for li in by_layer],
+                         settings.train_batch_size, progress, stop_after, desc="group pass",
+                         until=lambda accs=accs: all(a.full() for a in accs.values()))
         for li, groups in by_layer.items():
             gate_up, down = layers[li].expert_weights()
             inter = down.shape[-1]

@@ -68,8 +68,10 @@ class MergeMethod:
     description: str = ""
     handles_singletons: bool = False
     needs_for: Callable[[Any], tuple[str, ...]] | None = None  # extra statistics that depend on the recipe
-    # Plan-aware second calibration pass (zipit, fix-dom-same): (loaded, recipe, plan, stats, settings, progress)
-    # -> Stats with what the method needs per group; the pipeline calls it after grouping, before any merge.
+    # Plan-aware second calibration pass (zipit, fix-dom-same, fit): (loaded, recipe, plan, stats, settings, progress,
+    # layers=None, stop_after=None) -> Stats with what the method needs per group, for the plan's merged layers (or
+    # only ``layers``, MoE layer indices), each forward cut after MoE layer ``stop_after`` when given. The pipeline
+    # calls it after grouping, before any merge; the sequential path once per layer.
     prepare: Callable[..., Any] | None = None
 
     def statistics(self, recipe: Any = None) -> tuple[str, ...]:

@@ -116,15 +116,16 @@ def add_fit_statistics(model, layers, plan, stats, windows: torch.Tensor, mode: 
         stats.layers.setdefault(li, {})["fit"] = per
 
 
-def prepare_fit(loaded, recipe, plan, stats, settings, progress: bool = False):
+def prepare_fit(loaded, recipe, plan, stats, settings, progress: bool = False, layers=None, stop_after=None):
     """Pipeline hook (``MergeMethod.prepare``): the plan-aware second pass over the calibration windows, on the
     still-unmerged model; returns ``stats`` with a ``fit`` entry per merged layer."""
     from ..calibrate import calibration_windows
     from ..families import moe_layers
 
     wins, _ = calibration_windows(loaded, settings)
-    add_fit_statistics(loaded.model, moe_layers(loaded.model), plan, stats, wins, recipe.mode,
-                       settings.train_batch_size, progress, recipe=recipe)
+    todo = [layer for layer in moe_layers(loaded.model) if layers is None or layer.index in layers]
+    add_fit_statistics(loaded.model, todo, plan, stats, wins, recipe.mode, settings.train_batch_size, progress,
+                       stop_after=stop_after, recipe=recipe)
     return stats
 
 

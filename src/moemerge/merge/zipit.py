@@ -199,10 +199,10 @@ def fix_dom_same_merge(inputs: GroupInputs) -> tuple[torch.Tensor, torch.Tensor]
     return _merge("fix-dom-same", inputs)
 
 
-def _prepare(loaded, recipe, plan, stats, settings, progress=True):
+def _prepare(loaded, recipe, plan, stats, settings, progress=True, layers=None, stop_after=None):
     from ..calibrate.group_stats import neuron_assignments
 
-    return neuron_assignments(loaded, recipe, plan, stats, settings, progress)
+    return neuron_assignments(loaded, recipe, plan, stats, settings, progress, layers, stop_after)
 
 
 MERGE.add("zipit", MergeMethod(zipit_merge, description="ZipIt: zip correlated intermediate neurons of the group "

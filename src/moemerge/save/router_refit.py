@@ -90,7 +90,7 @@ def capture(model, layers: list[MoeLayer], windows: torch.Tensor, batch_size: in
             stop_after: MoeLayer | None = None, max_tokens: int = MAX_TOKENS) -> dict[int, tuple]:
     """One calibration pass (on the model before the layers' experts are replaced): per layer index, a sample of
     hidden states and the original routed outputs."""
-    from ..calibrate.fit_stats import run_observed
+    from ..calibrate.observer import run_observed
 
     accs = {layer.index: [RoutedOutputSample(layer, max_tokens)] for layer in layers}
     run_observed(model, windows, accs, layers, batch_size, progress, stop_after, desc="router-fit pass")
