@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import asdict, dataclass
 
 import torch
@@ -53,12 +54,24 @@ class Stats:
         return (f["counts"] / f["tokens"].clamp_min(1)).float()
 
 
+# The last windows made: calibrate(), the plan-aware passes and every step of the sequential path ask for the same
+# ones, and re-reading and re-tokenizing the calibration text (a dataset download, for c4) each time is waste.
+_LAST_WINDOWS: dict[tuple, tuple[torch.Tensor, str]] = {}
+
+
 def calibration_windows(loaded: LoadedModel, settings: CalibrationSettings) -> tuple[torch.Tensor, str]:
+    """The calibration token windows ``[n_sentences, seq_len]`` and a description of their source."""
     spec = settings.calibration or default_calibration()
-    source = load_text(spec)
-    ids = tokenize(loaded.tokenizer, source)
-    w = windows(ids, settings.seq_len, settings.n_sentences, settings.seed, what=f"calibration text {spec!r}")
-    return w, source.description
+    stamp = os.stat(spec).st_mtime_ns if os.path.exists(spec) else None  # an edited local file is re-read
+    key = (id(loaded.tokenizer), getattr(loaded.tokenizer, "name_or_path", ""), spec, stamp, settings.seq_len,
+           settings.n_sentences, settings.seed)
+    if key not in _LAST_WINDOWS:
+        source = load_text(spec)
+        ids = tokenize(loaded.tokenizer, source)
+        w = windows(ids, settings.seq_len, settings.n_sentences, settings.seed, what=f"calibration text {spec!r}")
+        _LAST_WINDOWS.clear()
+        _LAST_WINDOWS[key] = (w, source.description)
+    return _LAST_WINDOWS[key]
 
 
 def calibrate(loaded: LoadedModel, settings: CalibrationSettings, names: list[str],
