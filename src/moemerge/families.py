@@ -2,14 +2,13 @@
 
 transformers 5 stores the routed experts of most MoE families in one fused module ``<block>.experts`` with
 ``gate_up_proj [E, 2I, H]`` (rows ``[:I]`` gate, ``[I:]`` up) and ``down_proj [E, H, I]``, and a router module whose
-``weight`` is ``[E, H]`` (see ``docs/architecture.md``). A :class:`FamilySpec` says where those live and which config
+``weight`` is ``[E, H]`` (see the README's "How it works"). A :class:`FamilySpec` says where those live and which config
 keys hold the expert count and top-k. A new family with this layout is one more ``FAMILIES.add(...)`` line.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -55,7 +54,6 @@ class FamilySpec:
     scoring: str = "softmax"
     router_buffers: tuple[str, ...] = ()
     group_key: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def expert_groups(self, config) -> int:
         """Groups of contiguous expert ids that group-limited routing picks from (1 when routing is not grouped)."""
