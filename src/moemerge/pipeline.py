@@ -232,11 +232,11 @@ def run(recipe: Recipe, progress: bool = True, loaded: LoadedModel | None = None
         result.saved = save_checkpoint(model, loaded.tokenizer, out, config, merge_info(result, loaded),
                                        _probe(loaded.tokenizer), recipe.overwrite)
         result.timings["save"] = time.perf_counter() - t0
-        if result.plan is not None and not result.plan.uniform:  # Sub-MoE multi_layer allocation
-            from .group.allocation import plot_experts_per_layer
+        if result.plan is not None and not result.plan.uniform:  # non-uniform counts (Sub-MoE allocation, ...)
+            from .evaluate.plots import experts_per_layer
 
-            plot_experts_per_layer(result.plan.counts(), Path(result.saved.path) / "experts_per_layer.png",
-                                   original={li: p.num_experts for li, p in result.plan.layers.items()})
+            experts_per_layer({li: p.num_experts for li, p in result.plan.layers.items()}, result.plan.counts(),
+                              Path(result.saved.path) / "experts_per_layer.png")
     if recipe.merge != "no":
         t0 = time.perf_counter()
         result.ppl_after = perplexities(model, texts, recipe.eval_batch_size, progress)

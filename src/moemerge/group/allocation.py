@@ -121,27 +121,3 @@ def adaptive_targets(ctx) -> dict[int, int]:
 
     return allocate({li: layer.num_experts for li, layer in by_index.items()}, recipe.num_average_groups,
                     recipe.multi_layer, ctx.top_k, cost)
-
-
-def plot_experts_per_layer(counts: dict[int, int], path, title: str = "experts per MoE layer",
-                           original: dict[int, int] | None = None) -> None:
-    """Bar chart of the per-layer expert counts (PNG), with the original counts as a line when given."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    layers = sorted(counts)
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * len(layers) + 2), 3))
-    ax.bar([str(li) for li in layers], [counts[li] for li in layers], color="tab:blue", label="after merging")
-    if original:
-        ax.plot([str(li) for li in layers], [original[li] for li in layers], "k--", label="original")
-    mean = sum(counts.values()) / max(1, len(counts))
-    ax.axhline(mean, color="tab:orange", lw=1, label=f"mean {mean:.1f}")
-    ax.set_xlabel("MoE layer")
-    ax.set_ylabel("experts")
-    ax.set_title(title)
-    ax.legend(fontsize="small", loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
