@@ -20,7 +20,8 @@ import time
 
 import torch
 
-from moemerge.calibrate import CalibrationSettings, calibrate
+from moemerge.calibrate import CalibrationSettings
+from moemerge.pipeline import calibrate
 from moemerge.evaluate import eval_texts, perplexities
 from moemerge.families import moe_layers
 from moemerge.loading import load_model

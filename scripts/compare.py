@@ -23,12 +23,12 @@ from pathlib import Path
 import torch
 
 from moemerge import Recipe
-from moemerge.calibrate import calibrate
+
 from moemerge.evaluate import eval_texts
 from moemerge.families import family_of, moe_layers
 from moemerge.loading import LoadedModel, load_model
 from moemerge.merge import MERGE
-from moemerge.pipeline import calibration_settings, merge_model
+from moemerge.pipeline import calibrate, calibration_settings, merge_model
 from moemerge.recommend import candidate_recipe, score
 
 # name -> (kind, recipe options: a preset plus overrides)
@@ -157,7 +157,7 @@ def main() -> None:
                 kind, opts = ROWS[name]
                 recipes[name] = (kind, candidate_recipe(base, opts))
             t0 = time.perf_counter()
-            calibrate(loaded, calibration_settings(base, loaded.model),
+            calibrate(loaded, calibration_settings(base, loaded.model.config),
                       shared_statistics([r for _, r in recipes.values()]), progress=False)
             print(f"[{Path(path).name} {ratio:.0%}] shared calibration {time.perf_counter() - t0:.1f}s", flush=True)
             results: dict[str, float] = {}

@@ -100,8 +100,9 @@ def test_unused_expert_has_zero_importance():
 
 # ---- router entropy --------------------------------------------------------------------------------------------
 def test_router_entropy_statistic(tmp_path, tokenizer, text_file):
-    from moemerge.calibrate import CalibrationSettings, calibrate
+    from moemerge.calibrate import CalibrationSettings
     from moemerge.loading import load_model
+    from moemerge.pipeline import calibrate
 
     model = make_model("mixtral", vocab_size=len(tokenizer))
     with torch.no_grad():

@@ -10,7 +10,8 @@ import pytest
 
 import moemerge
 from moemerge import zoo
-from moemerge.calibrate import CalibrationSettings, calibrate
+from moemerge.calibrate import CalibrationSettings
+from moemerge.pipeline import calibrate
 from moemerge.data import load_text
 from moemerge.families import family_of
 

@@ -11,7 +11,8 @@ from moemerge.families import moe_layers
 from moemerge.group.plan import LayerPlan, MergePlan
 from moemerge.loading import LoadedModel, fingerprint
 from moemerge.merge import merge_layer
-from moemerge.merge.fit import add_fit_statistics, fit_objective, solve_down, start_method
+from moemerge.execute.executor import layer_passes
+from moemerge.merge.fit import fit_objective, solve_down, start_method
 from moemerge.pipeline import merge_model
 
 from conftest import FAMILIES, make_model
@@ -36,7 +37,7 @@ def _fit_layer(model, tokenizer, groups):
     plan = MergePlan({l.index: LayerPlan(l.index, num_experts, groups, [g[0] for g in groups]) for l in layers})
     stats = Stats({l.index: {"frequency": {"counts": torch.rand(num_experts) + 0.1, "tokens": torch.tensor(1.0)}}
                    for l in layers}, {})
-    add_fit_statistics(model, layers, plan, stats, _windows(tokenizer))
+    stats = layer_passes(model, moemerge.Recipe(merge="fit"), plan, stats, _windows(tokenizer))
     fitted = {l.index: merge_layer(l, plan.layers[l.index], "fit", stats) for l in layers}
     start = {l.index: merge_layer(l, plan.layers[l.index], start_method("normal"), stats) for l in layers}
     return layers, plan, stats, fitted, start

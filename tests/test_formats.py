@@ -13,7 +13,8 @@ from moemerge.errors import MoemergeError
 from moemerge.families import moe_layers
 from moemerge.group.plan import LayerPlan, MergePlan
 from moemerge.merge import MergedLayer
-from moemerge.save import apply_plan, check_plan, count_parameters, save_checkpoint
+from moemerge.pipeline import save_checkpoint
+from moemerge.save import apply_plan, check_plan, count_parameters
 from moemerge.save.formats import adapt_rows
 from moemerge.save.mapped import check_expert_ids, exact_factors
 from moemerge.save.remote.modeling_moemerge import combine_weights
@@ -127,7 +128,7 @@ def test_mapped_saves_reloads_with_remote_code(family, ids, tokenizer, tmp_path)
     plan = make_plan(NON_UNIFORM)
     mapped = merged_copy(model, plan, "mapped")
     out = tmp_path / "mapped"
-    report = save_checkpoint(mapped, tokenizer, out, original, {}, ids[:, :16] % len(tokenizer))
+    report = save_checkpoint(mapped, tokenizer, out, original, {})
     assert not report.missing_keys and not report.unexpected_keys and report.max_logit_diff < 1e-5
     cfg = json.loads((out / "config.json").read_text())
     assert (out / "modeling_moemerge.py").exists() and cfg["model_type"].endswith("_mapped")
@@ -171,7 +172,7 @@ def test_lowrank_matches_dense_product_and_reloads(family, ids, tokenizer, tmp_p
     reference = merged_copy(model, plan, "mapped", merged={li: MergedLayer(m.gate_up, m.down) for li, m in low.items()})
     v = ids % len(tokenizer)
     assert torch.allclose(logits(lowrank, v), logits(reference, v), atol=1e-4)
-    report = save_checkpoint(lowrank, tokenizer, tmp_path / "low", model.config.to_dict(), {}, v[:, :16])
+    report = save_checkpoint(lowrank, tokenizer, tmp_path / "low", model.config.to_dict(), {})
     assert not report.missing_keys and not report.unexpected_keys
     cfg = json.loads((tmp_path / "low" / "config.json").read_text())
     assert cfg["expert_ranks"]["0"]["up"] >= 9 and "expert_map" in cfg
@@ -191,7 +192,7 @@ def test_compact_and_collapse_reload_in_stock_transformers(family, ids, tokenize
     compact = merged_copy(model, make_plan(UNIFORM), "compact")
     collapse = merged_copy(model, make_plan(UNIFORM), "collapse")
     assert torch.equal(logits(compact, v), logits(collapse, v))
-    report = save_checkpoint(compact, tokenizer, tmp_path / "c", model.config.to_dict(), {}, v[:, :16])
+    report = save_checkpoint(compact, tokenizer, tmp_path / "c", model.config.to_dict(), {})
     cfg = json.loads((tmp_path / "c" / "config.json").read_text())
     assert "auto_map" not in cfg and cfg["model_type"] == family and not report.missing_keys
     assert cfg["num_local_experts" if family == "mixtral" else "num_experts"] == 4
@@ -209,7 +210,7 @@ def test_padded_reproduces_keep_and_loads_stock(family, ids, tokenizer, tmp_path
     plan = make_plan(NON_UNIFORM)
     padded = merged_copy(model, plan, "padded")
     assert [layer.num_experts for layer in moe_layers(padded)] == [5, 5]
-    report = save_checkpoint(padded, tokenizer, tmp_path / "p", model.config.to_dict(), {}, v[:, :16])
+    report = save_checkpoint(padded, tokenizer, tmp_path / "p", model.config.to_dict(), {})
     assert not report.missing_keys and not report.unexpected_keys
     with pytest.raises(MoemergeError, match="padded"):
         check_plan(plan, "compact", 2)

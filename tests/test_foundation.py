@@ -13,7 +13,8 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 import moemerge
-from moemerge.calibrate import CalibrationSettings, calibrate
+from moemerge.calibrate import CalibrationSettings
+from moemerge.pipeline import calibrate
 from moemerge.data import TextSource, tokenize, windows
 from moemerge.errors import MoemergeError
 from moemerge.families import family_of, moe_layers
@@ -128,7 +129,7 @@ def test_frequency_matches_hand_computation(family, tokenizer, text_file):
     stats = calibrate(loaded, settings, ["frequency"], progress=False)
     from moemerge.calibrate import calibration_windows
 
-    wins, _ = calibration_windows(loaded, settings)
+    wins, _ = calibration_windows(loaded.tokenizer, settings)
     spec = family_of(model.config)
     top_k = spec.top_k(model.config)
     with torch.no_grad():

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import moemerge
-from moemerge.calibrate import CalibrationSettings, calibrate
+from moemerge.calibrate import CalibrationSettings
+from moemerge.pipeline import calibrate
 from moemerge.errors import MoemergeError
 from moemerge.families import family_of, moe_layers
 from moemerge.group import CLUSTER, plan_groups
@@ -33,7 +34,7 @@ def qwen_stats(tokenizer, text_file):
     model = make_model("qwen2_moe", vocab_size=len(tokenizer), num_hidden_layers=3)
     loaded = _loaded(model, tokenizer)
     names = ["frequency", "expert_output_mean", "expert_output_cosine", "expert_output_overlap", "router_logits",
-             "routed_output_norm"]
+             "routed_output_norm", "weight_gram"]
     stats = calibrate(loaded, CalibrationSettings(str(text_file), 4, 32, 2, 0, False), names, progress=False)
     return model, stats
 

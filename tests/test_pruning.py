@@ -7,7 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import moemerge
-from moemerge.calibrate import CalibrationSettings, calibrate
+from moemerge.calibrate import CalibrationSettings
+from moemerge.pipeline import calibrate
 from moemerge.group.prune import PRUNE, prune_plan
 from moemerge.loading import LoadedModel, fingerprint
 

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM
 
 import moemerge
-from moemerge.calibrate import CalibrationSettings, LayerBatch, calibrate
+from moemerge.calibrate import CalibrationSettings, LayerBatch
+from moemerge.pipeline import calibrate
 from moemerge.calibrate.stats import STATISTICS
 from moemerge.errors import MoemergeError
 from moemerge.families import family_of, moe_layers
@@ -257,7 +258,7 @@ def test_sub_moe_dagger_whitened_end_to_end(model_dirs, text_file, tmp_path):
     result = moemerge.run(_recipe("sub-moe-dagger", model_dirs["qwen2_moe"], text_file, out, num_average_groups=6,
                                   multi_layer=1, router="keep"), progress=False)
     assert set(result.plan.counts().values()) == {6}
-    assert {"input_cov", "intermediate_cov"} <= set(result.stats.layers[0])
+    assert {"input_cov", "intermediate_cov"} <= set(result.stats.meta["statistics"])
     # The dense product of the rank-r factors is what keep saves: every merged down_proj has rank ≤ r.
     reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     down = moe_layers(reloaded)[0].experts.down_proj.data

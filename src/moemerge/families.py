@@ -90,15 +90,17 @@ class FamilySpec:
         return weights, indices
 
     # ---- modules -----------------------------------------------------------------------------------------------
+    def moe_layer(self, index: int, decoder_layer: nn.Module) -> "MoeLayer | None":
+        """The MoE block of one decoder layer, or None for a dense layer (Qwen's ``mlp_only_layers``, DeepSeek's
+        ``first_k_dense_replace``)."""
+        block = getattr(decoder_layer, self.block_attr, None)
+        if block is None or not hasattr(block, self.experts_attr):
+            return None
+        return MoeLayer(index=index, block=block, family=self)
+
     def moe_layers(self, model: nn.Module) -> list["MoeLayer"]:
-        decoder_layers = _decoder_layers(model)
-        out = []
-        for i, layer in enumerate(decoder_layers):
-            block = getattr(layer, self.block_attr, None)
-            if block is None or not hasattr(block, self.experts_attr):
-                continue  # a dense layer (Qwen's mlp_only_layers, DeepSeek's first_k_dense_replace)
-            out.append(MoeLayer(index=i, block=block, family=self))
-        return out
+        return [v for v in (self.moe_layer(i, layer) for i, layer in enumerate(decoder_layers(model)))
+                if v is not None]
 
 
 @dataclass
@@ -153,7 +155,8 @@ def expert_intermediate(hidden: torch.Tensor, gate_up: torch.Tensor, act_fn) -> 
     return act_fn(gate) * up
 
 
-def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's decoder layers (``model.model.layers``)."""
     base = getattr(model, "model", model)
     layers = getattr(base, "layers", None)
     if layers is None:

@@ -111,7 +111,60 @@ def load_model(source: str, dtype: str | None = "auto", device: str | None = "au
                        fingerprint(model, local_dir, source) if require_moe else "")
 
 
-def fingerprint(model: nn.Module, local_dir: Path | None = None, source: str = "") -> str:
+@dataclass
+class Checkpoint:
+    """A checkpoint folder opened without reading any weight: config, tokenizer and fingerprint."""
+
+    folder: Path
+    config: object
+    config_dict: dict
+    tokenizer: object
+    fingerprint: str
+
+
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "tokenizer*"]
+
+
+def open_checkpoint(source: str) -> Checkpoint:
+    """A local folder, or a hub id downloaded (safetensors, config and tokenizer files only) to the hub cache; then
+    the config and tokenizer, checked to be a MoE family moemerge can merge. No weight is read."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from .save.remote import registered  # noqa: F401  (moemerge's own mapped model types)
+
+    path = Path(source).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise MoemergeError(f"model folder {source!r} has no config.json")
+    elif _looks_like_hub_id(source):
+        try:
+            from huggingface_hub import snapshot_download
+
+            path = Path(snapshot_download(source, allow_patterns=HUB_PATTERNS))
+        except Exception as exc:  # offline, unknown repo, gated: many exception types
+            raise MoemergeError(f"cannot download {source!r}: {str(exc).splitlines()[0]}") from None
+    else:
+        raise MoemergeError(f"model {source!r} is neither a local folder nor a hub id (owner/name)")
+    try:
+        config_dict = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise MoemergeError(f"{path / 'config.json'}: not a JSON config ({exc})") from None
+    if ships_moemerge_code(path / "config.json"):
+        raise MoemergeError(f"{source!r} is a moemerge {config_dict.get('model_type')} checkpoint (mapped/lowrank "
+                            "format): evaluate it with `moemerge eval`; merge the original or a keep/compact one")
+    try:
+        config = AutoConfig.from_pretrained(str(path))
+    except (OSError, ValueError, KeyError) as exc:
+        raise MoemergeError(f"cannot load config of {source!r}: {str(exc).splitlines()[0]}") from None
+    family_of(config)  # dense or unsupported models fail before anything else
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as exc:
+        raise MoemergeError(f"cannot load the tokenizer of {source!r}: {str(exc).splitlines()[0]}") from None
+    return Checkpoint(path, config, config_dict, tokenizer, fingerprint(None, path, source))
+
+
+def fingerprint(model: nn.Module | None, local_dir: Path | None = None, source: str = "") -> str:
     """A short hash that changes when the weights change, used to key the statistics cache.
 
     For a folder it hashes config.json and each safetensors file's name, size and header (the header lists every

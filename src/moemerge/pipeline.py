@@ -1,8 +1,10 @@
-"""The whole job, stage by stage: load → calibrate → group → merge → save → evaluate.
+"""The whole job: open the model, check every input, then one walk of the layer executor (:mod:`.execute`) that
+calibrates, groups, merges, writes and evaluates.
 
-:func:`merge_model` works in memory (no files written) so that a merged model can be evaluated or inspected right
-away; :func:`run` is what ``moemerge merge`` does: it validates everything it can before the expensive part, measures
-the original, merges, writes the checkpoint atomically, and measures again.
+:func:`run` is what ``moemerge merge`` does on a checkpoint folder or hub id: the model is streamed from its
+safetensors shards one decoder layer at a time, so it never needs to fit in memory. :func:`merge_model` merges a
+model already in memory in place (the Python API on small models), on the same executor. :func:`calibrate` collects
+statistics only.
 """
 
 from __future__ import annotations
@@ -14,23 +16,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
-from .calibrate import CalibrationSettings, Stats, calibrate
-from .calibrate.cache import versions
+from .calibrate import CalibrationSettings, Stats, calibration_windows
+from .calibrate.cache import StatsCache, cache_key, versions
 from .data import load_text
 from .errors import MoemergeError
-from .evaluate import default_ppl_sources, eval_texts, perplexities
-from .families import family_of, moe_layers
-from .group import merged_layers, needed_statistics, plan_groups, uniform_targets
+from .evaluate import default_ppl_sources, eval_texts
+from .execute.executor import Job, execute
+from .execute.sink import ShardSink, verify
+from .execute.source import LayerSource, ModelSource, ShardSource, meta_skeleton
+from .execute.weights import KeyConverter
+from .families import FamilySpec, family_of
+from .group import merged_layers, uniform_targets
 from .group.plan import MergePlan
-from .loading import LoadedModel, load_model
-from .merge import MERGE, merge_layer
+from .loading import LoadedModel, cache_root, fingerprint, open_checkpoint, resolve_device, resolve_dtype
 from .recipe import Recipe
-from .save import (FORMATS, SaveReport, apply_plan, check_plan, count_parameters, original_config, prepare_output,
-                   router_adapt_for, router_statistics, save_checkpoint)
+from .save import FORMATS, SaveReport, edited_config, set_expert_count
 
 LOG = logging.getLogger(__name__)
+
+#: Greedy generations side by side need both whole models in memory (one at a time); skipped above this size.
+GENERATION_MAX_BYTES = 2 * 2**30
 
 
 @dataclass
@@ -45,11 +51,11 @@ class MergeResult:
     ppl_after: dict[str, float] = field(default_factory=dict)
     saved: SaveReport | None = None
     file_bytes_before: int | None = None
-    fidelity: dict | None = None  # evaluate.fidelity.compare: KL, top-1 agreement, generations
+    fidelity: dict | None = None  # KL(original ‖ merged), top-1 agreement, generations
     lm_eval_before: object | None = None  # evaluate.lm_eval.LmEvalResult of the original
     lm_eval_after: object | None = None  # ... and of the merged model
     report_path: Path | None = None
-    router_fit: dict | None = None  # save.router_refit: per-layer error before/after refitting the collapsed router
+    router_fit: dict | None = None  # per-layer sample error before/after refitting the collapsed router
 
     def summary(self) -> dict:
         out = {
@@ -65,7 +71,7 @@ class MergeResult:
             out["experts_per_layer"] = self.plan.counts()
         if self.stats:
             out["calibration"] = {k: self.stats.meta.get(k) for k in ("calibration", "windows", "model_runs",
-                                                                      "from_cache")}
+                                                                      "from_cache", "layers_from_cache")}
         if self.fidelity is not None:
             out["fidelity"] = self.fidelity
         if self.lm_eval_before is not None or self.lm_eval_after is not None:
@@ -76,8 +82,9 @@ class MergeResult:
         return out
 
 
-def calibration_settings(recipe: Recipe, model) -> CalibrationSettings:
-    max_pos = getattr(model.config, "max_position_embeddings", 2048) or 2048
+# ---- checks before any expensive step ----------------------------------------------------------------------------
+def calibration_settings(recipe: Recipe, config) -> CalibrationSettings:
+    max_pos = getattr(config, "max_position_embeddings", 2048) or 2048
     seq_len = recipe.seq_len or min(2048, max_pos)
     if seq_len > max_pos:
         raise MoemergeError(f"seq_len={seq_len} exceeds the model's max_position_embeddings ({max_pos})")
@@ -85,19 +92,22 @@ def calibration_settings(recipe: Recipe, model) -> CalibrationSettings:
                                recipe.seed, recipe.cache)
 
 
-def validate_for_model(recipe: Recipe, model) -> None:
-    """Checks that need the model's config but no calibration: run them before any expensive step."""
-    spec = family_of(model.config)
-    top_k = spec.top_k(model.config)
-    layers = merged_layers(moe_layers(model), recipe.start_layer)
+def validate_for_model(recipe: Recipe, source: LayerSource) -> None:
+    """Checks that need the model's config but no weights: run them before any expensive step."""
+    spec, config = source.family, source.config
+    top_k = spec.top_k(config)
+    views = source.moe_views()
+    if not views:
+        raise MoemergeError(f"{type(source.model).__name__} has no MoE layers")
+    layers = merged_layers(views, recipe.start_layer)
     if recipe.merge == "no" or recipe.num_average_groups is None:
         return
     if not layers:
         raise MoemergeError(f"start_layer={recipe.start_layer} leaves no MoE layer to merge")
     uniform_targets(layers, recipe.num_average_groups, top_k)
     shrinks = FORMATS.get(recipe.router).changes_count
-    if shrinks and spec.expert_groups(model.config) > 1:
-        raise MoemergeError(f"{spec.name} routes within {spec.expert_groups(model.config)} groups of contiguous "
+    if shrinks and spec.expert_groups(config) > 1:
+        raise MoemergeError(f"{spec.name} routes within {spec.expert_groups(config)} groups of contiguous "
                             f"experts (n_group), which a changed expert count would scramble; use --format keep")
     if FORMATS.get(recipe.router).remote_code:
         from .save.mapped import check_family
@@ -105,78 +115,106 @@ def validate_for_model(recipe: Recipe, model) -> None:
         check_family(spec.name, recipe.router)
     if recipe.router_fit and not spec.route_exact:
         raise MoemergeError(f"router_fit re-routes tokens with softmax top-k, which is not {spec.name}'s routing")
-    if shrinks and spec.scoring != "softmax" and "router_adapt" in recipe.model_fields_set \
-            and recipe.router_adapt != "mean":
+    if shrinks and spec.scoring != "softmax" and "router_adapt" in recipe.explicit() and recipe.router_adapt != "mean":
         raise MoemergeError(f"router_adapt={recipe.router_adapt} fits softmax routing; {spec.name} scores experts "
                             f"with a {spec.scoring}, so only router_adapt=mean applies")
-    if recipe.router == "collapse" and recipe.start_layer > min(l.index for l in moe_layers(model)):
+    if recipe.router == "collapse" and recipe.start_layer > min(v.index for v in views):
         raise MoemergeError("router=collapse needs every MoE layer merged to one count; start_layer leaves "
                             "earlier layers with all experts (use --router keep)")
+    if recipe.sequential:
+        if FORMATS.get(recipe.router).padded:
+            raise MoemergeError(f"sequential=true writes one layer at a time; router={recipe.router} pads layers "
+                                f"to the largest count of all layers (use keep or collapse)")
+        for name in ("multi_layer", "dynamic_group", "hierarchical_stopping_metric"):
+            if name in recipe.explicit():
+                raise MoemergeError(f"sequential=true merges one layer at a time; {name} allocates experts across "
+                                    f"layers and needs them all at once (drop one of the two)")
+        if recipe.dominant == "frequency":
+            raise MoemergeError("sequential=true merges one layer at a time; dominant=frequency picks dominants "
+                                "across all layers (drop one of the two)")
+
+
+# ---- the executor's inputs -----------------------------------------------------------------------------------------
+def _job(recipe: Recipe, tokenizer, config, fp: str, progress: bool) -> Job:
+    settings = calibration_settings(recipe, config)
+    job = Job(progress=progress, eval_batch_size=recipe.eval_batch_size, fidelity=recipe.fidelity)
+    if recipe.merge != "no" and recipe.num_average_groups is not None:
+        wins, description = calibration_windows(tokenizer, settings)
+        key = cache_key(fp, wins)
+        job.windows = wins
+        job.meta = {"model": recipe.model_path, "model_fingerprint": fp, "calibration": description,
+                    "windows": list(wins.shape), "cache_key": key, "sequential": recipe.sequential}
+        job.cache = StatsCache(cache_root(), key) if settings.use_cache else None
+    return job
 
 
 def merge_model(loaded: LoadedModel, recipe: Recipe, progress: bool = True) -> MergeResult:
     """Merge ``loaded.model`` in place according to ``recipe`` and return what happened (no files written)."""
-    model = loaded.model
-    validate_for_model(recipe, model)
-    if recipe.sequential:  # layer by layer on the already-merged model (sequential.py)
-        from .sequential import merge_sequential
-
-        return merge_sequential(loaded, recipe, progress)
-    spec = family_of(model.config)
-    top_k = spec.top_k(model.config)
-    result = MergeResult(recipe, None, None, count_parameters(model), count_parameters(model))
-    if recipe.merge == "no" or recipe.num_average_groups is None:
-        return result
-    t0 = time.perf_counter()
-    adapt = router_adapt_for(recipe, spec)
-    names = needed_statistics(recipe) + list(MERGE.get(recipe.merge).statistics(recipe))
-    names += router_statistics(recipe.router, adapt)
-    stats = calibrate(loaded, calibration_settings(recipe, model), names, progress=progress)
-    t1 = time.perf_counter()
-    layers = moe_layers(model)
-    plan = plan_groups(recipe, stats, layers, top_k)
-    check_plan(plan, recipe.router, top_k)
-    prepare = MERGE.get(recipe.merge).prepare
-    if prepare is not None:  # plan-aware second pass on the still-unmerged model (zipit, fix-dom-same)
-        stats = prepare(loaded, recipe, plan, stats, calibration_settings(recipe, model), progress)
-    t2 = time.perf_counter()
-    merged = {}
-    with torch.no_grad():
-        for layer in tqdm(layers, desc="merging", unit="layer", disable=not progress):
-            if not plan.layers[layer.index].is_identity:
-                merged[layer.index] = merge_layer(layer, plan.layers[layer.index], recipe.merge, stats, recipe.mode,
-                                                     recipe=recipe)
-        frequencies = {layer.index: stats.frequency(layer.index) for layer in layers}
-
-        def _apply() -> None:
-            apply_plan(model, plan, merged, frequencies, recipe.router, adapt, stats=stats)
-
-        if recipe.router_fit:  # sample the original block outputs, collapse, refit the rows (save/router_refit.py)
-            from .save.router_refit import refit_routers
-
-            result.router_fit = refit_routers(loaded, recipe, plan, calibration_settings(recipe, model), _apply,
-                                              progress)
-        else:
-            _apply()
-    t3 = time.perf_counter()
-    result.plan, result.stats = plan, stats
-    result.parameters_after = count_parameters(model)
-    result.timings.update(calibrate=t1 - t0, group=t2 - t1, merge=t3 - t2)
-    return result
+    source = ModelSource(loaded.model)
+    validate_for_model(recipe, source)
+    job = _job(recipe, loaded.tokenizer, loaded.model.config, loaded.fingerprint, progress)
+    outcome = execute(source, recipe, job)
+    if outcome.plan is not None:
+        set_expert_count(loaded.model.config, source.family, outcome.plan, recipe.router)
+    return MergeResult(recipe, outcome.plan, outcome.stats if outcome.plan is not None else None,
+                       outcome.parameters_before, outcome.parameters_after, outcome.timings,
+                       router_fit=outcome.router_fit)
 
 
-def merge_info(result: MergeResult, loaded: LoadedModel) -> dict:
-    """What ``merge_info.json`` records: the recipe, groups and dominants per layer, frequencies, provenance."""
-    info = {"moemerge_recipe": result.recipe.model_dump(), "source_model": loaded.source,
-            "source_fingerprint": loaded.fingerprint, "versions": versions()}
+def calibrate(loaded: LoadedModel, settings: CalibrationSettings, names: list[str], progress: bool = True) -> Stats:
+    """Statistics ``names`` of every MoE layer of ``loaded`` (from the cache when possible), without merging."""
+    from .calibrate.stats import STATISTICS
+
+    for n in names:
+        STATISTICS.get(n)  # unknown names fail before any work
+    wins, description = calibration_windows(loaded.tokenizer, settings)
+    key = cache_key(loaded.fingerprint, wins)
+    job = Job(windows=wins, statistics=list(names), progress=progress,
+              cache=StatsCache(cache_root(), key) if settings.use_cache else None,
+              meta={"model": loaded.source, "model_fingerprint": loaded.fingerprint, "calibration": description,
+                    "windows": list(wins.shape), "cache_key": key})
+    recipe = Recipe(train_batch_size=settings.train_batch_size)
+    return execute(ModelSource(loaded.model), recipe, job).stats
+
+
+# ---- moemerge merge ------------------------------------------------------------------------------------------------
+def merge_info(result: MergeResult, source_name: str, fp: str) -> dict:
+    """What ``merge_info.json`` records: the fully resolved recipe (``moemerge merge --recipe merge_info.json``
+    reruns it), groups and dominant per layer, frequencies, calibration provenance, versions."""
+    info = {"moemerge_recipe": result.recipe.model_dump(mode="json"), "source_model": source_name,
+            "source_fingerprint": fp, "versions": versions()}
     if result.plan is not None:
         info["experts_per_layer"] = {str(k): v for k, v in result.plan.counts().items()}
         info["plan"] = result.plan.to_json()
     if result.stats is not None:
-        info["frequencies"] = {str(li): result.stats.frequency(li).tolist() for li in result.stats.layers}
+        info["frequencies"] = {str(li): result.stats.frequency(li).tolist() for li in result.stats.layers
+                               if "frequency" in result.stats.layers[li]}
         info["calibration"] = {k: v for k, v in result.stats.meta.items() if k != "versions"}
     info["parameters"] = {"before": result.parameters_before, "after": result.parameters_after}
     return info
+
+
+def resolved(recipe: Recipe, config, tokenizer_source: str | None = None) -> Recipe:
+    """The recipe with every default that depends on the run filled in (absolute paths, the calibration text and
+    window length actually used), so that rerunning it reproduces the checkpoint."""
+    from .data import default_calibration
+
+    update: dict = {"seq_len": calibration_settings(recipe, config).seq_len}
+    if recipe.calibration is None:
+        update["calibration"] = default_calibration()
+    elif Path(recipe.calibration).expanduser().exists():
+        update["calibration"] = str(Path(recipe.calibration).expanduser().resolve())
+    for key in ("model_path", "output_path"):
+        value = getattr(recipe, key)
+        if value and Path(value).expanduser().exists():
+            update[key] = str(Path(value).expanduser().resolve())
+        elif value and key == "output_path":
+            update[key] = str(Path(value).expanduser().absolute())
+    if recipe.ppl is None:
+        update["ppl"] = default_ppl_sources()
+    if recipe.eval_seq_len is None:
+        update["eval_seq_len"] = update["seq_len"]
+    return recipe.model_copy(update=update)
 
 
 def _probe(tokenizer) -> torch.Tensor:
@@ -186,66 +224,112 @@ def _probe(tokenizer) -> torch.Tensor:
 
 
 def run(recipe: Recipe, progress: bool = True, loaded: LoadedModel | None = None) -> MergeResult:
-    """``moemerge merge``: everything, with all input checks before the first expensive step."""
+    """``moemerge merge``: every input check, then one walk of the executor that streams the model layer by layer,
+    writes the checkpoint as layers finish and evaluates before and after; then lm-eval tasks, report."""
+    from .save import prepare_output
+
     if not recipe.model_path and loaded is None:
         raise MoemergeError("no model given (MODEL argument / model_path)")
+    merging = recipe.merge != "no" and recipe.num_average_groups is not None
     out = prepare_output(recipe.output_path, recipe.overwrite) if recipe.merge != "no" else None
-    if recipe.calibration and recipe.num_average_groups is not None and recipe.merge != "no":
-        load_text(recipe.calibration)  # a missing or empty local file fails here, before the model loads
+    if recipe.calibration and merging:
+        load_text(recipe.calibration)  # a missing or unreadable local file fails here, before the model opens
     t0 = time.perf_counter()
-    loaded = loaded or load_model(recipe.model_path, recipe.dtype, recipe.device, recipe.device_map)
-    load_s = time.perf_counter() - t0
-    model = loaded.model
-    validate_for_model(recipe, model)
-    settings = calibration_settings(recipe, model)
-    sources = recipe.ppl if recipe.ppl is not None else default_ppl_sources()
-    sources = [] if sources in (["none"], []) else sources
-    texts = eval_texts(loaded.tokenizer, sources, recipe.eval_seq_len or settings.seq_len, recipe.ppl_windows)
+    if loaded is not None:
+        source: LayerSource = ModelSource(loaded.model)
+        tokenizer, name, local_dir, fp = loaded.tokenizer, loaded.source, loaded.local_dir, loaded.fingerprint
+        config_dict = _config_dict(local_dir, loaded.model)
+    else:
+        ckpt = open_checkpoint(recipe.model_path)
+        dtype = resolve_dtype(recipe.dtype)
+        device = resolve_device("cuda" if recipe.device_map and recipe.device == "auto" else recipe.device)
+        source = ShardSource(ckpt.folder, dtype=None if dtype == "auto" else dtype, device=device,
+                             config=ckpt.config)
+        tokenizer, name, local_dir, fp = ckpt.tokenizer, recipe.model_path, ckpt.folder, ckpt.fingerprint
+        config_dict = ckpt.config_dict
+    try:
+        return _run(recipe, source, tokenizer, name, local_dir, fp, config_dict, out, merging, progress, loaded,
+                    time.perf_counter() - t0)
+    finally:
+        source.close()
+
+
+def _config_dict(local_dir: Path | None, model) -> dict:
+    if local_dir is not None and (local_dir / "config.json").is_file():
+        return json.loads((local_dir / "config.json").read_text())
+    return model.config.to_dict()
+
+
+def _run(recipe: Recipe, source: LayerSource, tokenizer, name: str, local_dir: Path | None, fp: str,
+         config_dict: dict, out: Path | None, merging: bool, progress: bool, loaded: LoadedModel | None,
+         load_s: float) -> MergeResult:
     from .evaluate import fidelity as fid
     from .evaluate.lm_eval import evaluate_tasks, resolve_tasks
 
+    validate_for_model(recipe, source)
+    recipe = resolved(recipe, source.config)
+    settings = calibration_settings(recipe, source.config)
+    sources = [] if recipe.ppl in (["none"], []) else recipe.ppl
+    texts = eval_texts(tokenizer, sources, recipe.eval_seq_len or settings.seq_len, recipe.ppl_windows)
     tasks = resolve_tasks(recipe.task) if recipe.task else None  # local task files are checked before any work
-    pad_id = getattr(loaded.tokenizer, "pad_token_id", None)
-    config = original_config(loaded.source, loaded.local_dir, model)
-    file_bytes_before = None
-    if loaded.local_dir is not None:
-        from .save import folder_bytes
+    pad_id = getattr(tokenizer, "pad_token_id", None)
+    dtype = next((p.dtype for p in source.model.parameters() if p.is_floating_point()), torch.float32)
+    job = _job(recipe, tokenizer, source.config, fp, progress)
+    job.eval_windows = {t.name: t.windows for t in texts}
+    small = local_dir is None or _folder_bytes(local_dir) <= GENERATION_MAX_BYTES
+    timings = {"load": load_s}
 
-        file_bytes_before = folder_bytes(loaded.local_dir)
-
+    # What needs the whole original model (lm-eval, generations) is measured first, one model at a time.
     t0 = time.perf_counter()
-    before = perplexities(model, texts, recipe.eval_batch_size, progress)
-    # lm-eval and the fidelity reference need the original, which is merged in place next
-    lm_before = evaluate_tasks(model, loaded.tokenizer, tasks, recipe.num_fewshot, recipe.eval_batch_size) \
-        if tasks else None
-    fid_ref = fid.reference(model, texts[0].windows, pad_token_id=pad_id, batch_size=recipe.eval_batch_size) \
-        if recipe.fidelity and texts and recipe.merge != "no" else None
-    eval_before_s = time.perf_counter() - t0
-    result = merge_model(loaded, recipe, progress)
-    result.lm_eval_before = lm_before
-    result.timings["load"] = load_s
-    result.timings["eval_before"] = eval_before_s
-    result.ppl_before = before
-    result.file_bytes_before = file_bytes_before
-    if out is not None:
-        t0 = time.perf_counter()
-        result.saved = save_checkpoint(model, loaded.tokenizer, out, config, merge_info(result, loaded),
-                                       _probe(loaded.tokenizer), recipe.overwrite)
-        result.timings["save"] = time.perf_counter() - t0
-        if result.plan is not None and not result.plan.uniform:  # non-uniform counts (Sub-MoE allocation, ...)
-            from .evaluate.plots import experts_per_layer
+    lm_before, gen_ref = None, None
+    if tasks or (recipe.fidelity and texts and merging and small):
+        whole = loaded.model if loaded is not None else _load_whole(local_dir, dtype, source.device)
+        lm_before = evaluate_tasks(whole, tokenizer, tasks, recipe.num_fewshot, recipe.eval_batch_size) \
+            if tasks else None
+        if recipe.fidelity and texts and merging and small:
+            gen_ref = fid.reference(whole, texts[0].windows[:1], count=1, pad_token_id=pad_id)
+        del whole
+    timings["eval_before"] = time.perf_counter() - t0
 
-            experts_per_layer({li: p.num_experts for li, p in result.plan.layers.items()}, result.plan.counts(),
-                              Path(result.saved.path) / "experts_per_layer.png")
-    if recipe.merge != "no":
-        t0 = time.perf_counter()
-        result.ppl_after = perplexities(model, texts, recipe.eval_batch_size, progress)
-        if fid_ref is not None:
-            result.fidelity = fid.compare(model, fid_ref, loaded.tokenizer, recipe.eval_batch_size, pad_id)
+    sink = None
+    if out is not None:
+        sink = ShardSink(out, KeyConverter(meta_skeleton(source.config, dtype)))
+        job.sink, job.probe = sink, _probe(tokenizer)
+    try:
+        outcome = execute(source, recipe, job)
+        result = MergeResult(recipe, outcome.plan, outcome.stats if merging else None, outcome.parameters_before,
+                             outcome.parameters_after, {**timings, **outcome.timings}, outcome.ppl_before,
+                             outcome.ppl_after if merging else {}, router_fit=outcome.router_fit)
+        result.fidelity = outcome.fidelity if merging else None
+        result.file_bytes_before = _folder_bytes(local_dir) if local_dir is not None else None
+        if sink is not None:
+            t0 = time.perf_counter()
+            result.saved = _finish_checkpoint(sink, source, outcome, result, tokenizer, name, fp, config_dict, dtype)
+            result.timings["save"] = result.timings.get("save", 0.0) + time.perf_counter() - t0
+    except BaseException:
+        if sink is not None:
+            sink.abort()
+        raise
+    if loaded is not None and outcome.plan is not None:
+        set_expert_count(loaded.model.config, source.family, outcome.plan, recipe.router)
+
+    # After: lm-eval and generations on the merged model (in memory, or read back from the checkpoint).
+    t0 = time.perf_counter()
+    if result.saved is not None and (tasks or gen_ref is not None):
+        whole = loaded.model if loaded is not None else _load_whole(result.saved.path, dtype, source.device)
+        if gen_ref is not None and result.fidelity is not None:
+            result.fidelity["generations"] = fid.compare(whole, gen_ref, tokenizer, pad_token_id=pad_id)["generations"]
         if tasks:
-            result.lm_eval_after = evaluate_tasks(model, loaded.tokenizer, tasks, recipe.num_fewshot,
+            result.lm_eval_after = evaluate_tasks(whole, tokenizer, tasks, recipe.num_fewshot,
                                                   recipe.eval_batch_size)
-        result.timings["eval_after"] = time.perf_counter() - t0
+        del whole
+    result.lm_eval_before = lm_before
+    result.timings["eval_after"] = time.perf_counter() - t0
+    if result.saved is not None and result.plan is not None and not result.plan.uniform:
+        from .evaluate.plots import experts_per_layer
+
+        experts_per_layer({li: p.num_experts for li, p in result.plan.layers.items()}, result.plan.counts(),
+                          Path(result.saved.path) / "experts_per_layer.png")
     result_path = Path(recipe.result_path) if recipe.result_path else (out / "eval.json" if out else None)
     if result_path is not None:
         result_path.parent.mkdir(parents=True, exist_ok=True)
@@ -255,3 +339,95 @@ def run(recipe: Recipe, progress: bool = True, loaded: LoadedModel | None = None
 
         result.report_path = write_report(result, result.saved.path)
     return result
+
+
+def _finish_checkpoint(sink: ShardSink, source: LayerSource, outcome, result: MergeResult, tokenizer, name: str,
+                       fp: str, config_dict: dict, dtype: torch.dtype) -> SaveReport:
+    """Trunk, config, tokenizer and merge_info into the temporary folder; read it all back; rename into place."""
+    from .save.mapped import check_expert_ids, remote_config
+
+    spec: FamilySpec = source.family
+    sink.add_trunk(source.model)
+    sink.close_shards()
+    check_expert_ids(list(sink.weight_map))
+    count = _written_count(spec, result.plan, result.recipe.router, source)
+    new_config = edited_config(config_dict, spec, count, dtype)
+    extra = {}
+    if outcome.mapped:
+        new_config, extra = remote_config(spec, new_config, outcome.mapped)
+    sink.write_text("config.json", json.dumps(new_config, indent=2))
+    tokenizer.save_pretrained(sink.tmp)
+    for fname, text in extra.items():
+        sink.write_text(fname, text)
+    sink.write_text("merge_info.json", json.dumps(merge_info(result, name, fp), indent=2, default=str))
+    diff = verify(sink.tmp, outcome.probe, dtype, source.device, config=_output_config(new_config))
+    path = sink.commit(result.recipe.overwrite)
+    return SaveReport(path, result.parameters_after, sink.total_bytes, diff, [], [])
+
+
+def _written_count(spec: FamilySpec, plan: MergePlan | None, router: str, source: LayerSource) -> int:
+    if plan is None or not FORMATS.get(router).changes_count:
+        return spec.num_experts(source.config)
+    counts = plan.counts().values()
+    return max(counts) if FORMATS.get(router).padded else next(iter(counts))
+
+
+def save_checkpoint(model, tokenizer, out: str | Path, config: dict | None = None, info: dict | None = None,
+                    overwrite: bool = False) -> SaveReport:
+    """Write a model held in memory (e.g. merged by :func:`merge_model`) as a checkpoint folder, through the same
+    sink and reload check as ``moemerge merge``: per-expert hub names, the original ``config`` with only the expert
+    count (and the mapped formats' keys) changed, verified by reading it back layer by layer, then renamed."""
+    from .save import prepare_output
+
+    out = prepare_output(str(out), overwrite)
+    source = ModelSource(model)
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    sink = ShardSink(out, KeyConverter(meta_skeleton(model.config, dtype)))
+    try:
+        outcome = execute(source, Recipe(merge="no"), Job(sink=sink, probe=_probe(tokenizer), progress=False))
+        sink.add_trunk(model)
+        sink.close_shards()
+        from .save.mapped import check_expert_ids, remote_config
+
+        check_expert_ids(list(sink.weight_map))
+        spec = source.family
+        new_config = edited_config(config or model.config.to_dict(), spec, spec.num_experts(model.config), dtype)
+        extra = {}
+        if outcome.mapped:
+            new_config, extra = remote_config(spec, new_config, outcome.mapped)
+        sink.write_text("config.json", json.dumps(new_config, indent=2))
+        tokenizer.save_pretrained(sink.tmp)
+        for fname, text in extra.items():
+            sink.write_text(fname, text)
+        sink.write_text("merge_info.json", json.dumps(info or {}, indent=2, default=str))
+        diff = verify(sink.tmp, outcome.probe, dtype, source.device, config=_output_config(new_config))
+        path = sink.commit(overwrite)
+    except BaseException:
+        sink.abort()
+        raise
+    return SaveReport(path, outcome.parameters_before, sink.total_bytes, diff, [], [])
+
+
+def _output_config(config: dict):
+    """The written config as a transformers config object, through moemerge's registered classes."""
+    from transformers import AutoConfig
+
+    from .save.remote import registered  # noqa: F401
+
+    return AutoConfig.for_model(**{k: v for k, v in config.items() if k != "auto_map"})
+
+
+def _folder_bytes(folder: Path | None) -> int:
+    return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors")) if folder else 0
+
+
+def _load_whole(folder: Path, dtype: torch.dtype, device: torch.device):
+    """A whole checkpoint in memory (lm-eval and generations need one), through moemerge's registered classes."""
+    from transformers import AutoModelForCausalLM
+
+    from .save.remote import registered  # noqa: F401
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype).to(device).eval()
+    except (OSError, ValueError) as exc:
+        raise MoemergeError(f"cannot load {folder}: {str(exc).splitlines()[0]}") from None

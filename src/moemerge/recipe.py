@@ -119,7 +119,7 @@ class Recipe(BaseModel):
 
     @model_validator(mode="after")
     def _combinations(self) -> "Recipe":
-        if "linkage" in self.model_fields_set and self.cluster != "hierarchical":
+        if "linkage" in self.explicit() and self.cluster != "hierarchical":
             raise ValueError(f"linkage only applies to cluster=hierarchical (cluster is {self.cluster!r})")
         if self.router_fit and self.router not in ("collapse", "compact"):
             raise ValueError(f"router_fit refits collapsed router rows; it needs router=collapse (got {self.router!r})")
@@ -129,6 +129,12 @@ class Recipe(BaseModel):
 
         check_combinations(self)
         return self
+
+    def explicit(self) -> set[str]:
+        """Options given with a value other than their default (giving the default explicitly changes nothing, so
+        a fully resolved recipe, as ``merge_info.json`` stores it, validates like the options it came from)."""
+        return {name for name in self.model_fields_set
+                if getattr(self, name) != type(self).model_fields[name].default}
 
     # ---- I/O --------------------------------------------------------------------------------------------------
     @classmethod
@@ -146,7 +152,8 @@ class Recipe(BaseModel):
 
     @classmethod
     def load(cls, spec: str | Path, **overrides: Any) -> "Recipe":
-        """A recipe from a YAML file or a named preset (``hc-smoe``, ...), with overrides on top."""
+        """A recipe from a YAML file, a checkpoint's ``merge_info.json`` (its resolved recipe) or a named preset
+        (``hc-smoe``, ...), with overrides on top."""
         from .methods import PRESETS
 
         path = Path(spec)
@@ -157,6 +164,8 @@ class Recipe(BaseModel):
                 raise MoemergeError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
             if not isinstance(data, dict):
                 raise MoemergeError(f"{path}: a recipe must be a mapping of option: value")
+            if isinstance(data.get("moemerge_recipe"), dict):  # a checkpoint's merge_info.json
+                data = data["moemerge_recipe"]
         elif str(spec) in PRESETS:
             data = dict(PRESETS.get(str(spec)))
         else:

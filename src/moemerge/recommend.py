@@ -101,10 +101,10 @@ def held_out_windows(loaded: LoadedModel, base: Recipe) -> tuple[int, torch.Tens
     held = math.ceil(n / 4)
     if n < 2:
         raise MoemergeError("recommend needs n_sentences >= 2 (a quarter of them is held out)")
-    settings = calibration_settings(base, loaded.model)
-    every, _ = calibration_windows(loaded, settings)  # the sampler's windows for N, a superset of those for N - held
+    settings = calibration_settings(base, loaded.model.config)
+    every, _ = calibration_windows(loaded.tokenizer, settings)  # the sampler's windows for N, a superset of those for N - held
     settings.n_sentences = n - held
-    calib, _ = calibration_windows(loaded, settings)
+    calib, _ = calibration_windows(loaded.tokenizer, settings)
     rows = {tuple(w.tolist()) for w in calib}
     out = torch.stack([w for w in every if tuple(w.tolist()) not in rows][:held]) if len(every) > len(calib) \
         else every[-held:]

@@ -1,7 +1,8 @@
-"""Stage 1, calibrate: run the model on calibration text once and keep, per MoE layer, the statistics a plan needs.
+"""Stage 1, calibrate: the calibration text, the per-layer statistics a plan needs (accumulated by observer hooks on
+each MoE block while the executor walks the layers, :mod:`moemerge.execute`), and their cache.
 
->>> stats = calibrate(loaded, CalibrationSettings(calibration="bundled", n_sentences=32, seq_len=256),
-...                   ["frequency", "expert_output_mean"])
+>>> stats = moemerge.calibrate(loaded, CalibrationSettings(calibration="bundled", n_sentences=32, seq_len=256),
+...                            ["frequency", "expert_output_mean"])
 >>> stats.frequency(layer=0)      # share of tokens whose top-k holds each expert
 """
 
@@ -9,20 +10,17 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
 from ..data import default_calibration, load_text, tokenize, windows
-from ..families import moe_layers
-from ..loading import LoadedModel, cache_root
-from .cache import LayerStats, StatsCache, cache_key
-from .observer import observe
+from .cache import LayerStats
 from .stats import STATISTICS, LayerBatch, Statistic
 
 LOG = logging.getLogger(__name__)
 
-__all__ = ["CalibrationSettings", "Stats", "calibrate", "calibration_windows", "STATISTICS", "LayerBatch",
+__all__ = ["CalibrationSettings", "Stats", "calibration_windows", "STATISTICS", "LayerBatch",
            "Statistic"]
 
 
@@ -54,47 +52,21 @@ class Stats:
         return (f["counts"] / f["tokens"].clamp_min(1)).float()
 
 
-# The last windows made: calibrate(), the plan-aware passes and every step of the sequential path ask for the same
-# ones, and re-reading and re-tokenizing the calibration text (a dataset download, for c4) each time is waste.
+# The last windows made: every run asks for the same ones more than once (recommend, tests), and re-reading and
+# re-tokenizing the calibration text (a dataset download, for c4) each time is waste.
 _LAST_WINDOWS: dict[tuple, tuple[torch.Tensor, str]] = {}
 
 
-def calibration_windows(loaded: LoadedModel, settings: CalibrationSettings) -> tuple[torch.Tensor, str]:
+def calibration_windows(tokenizer, settings: CalibrationSettings) -> tuple[torch.Tensor, str]:
     """The calibration token windows ``[n_sentences, seq_len]`` and a description of their source."""
     spec = settings.calibration or default_calibration()
     stamp = os.stat(spec).st_mtime_ns if os.path.exists(spec) else None  # an edited local file is re-read
-    key = (id(loaded.tokenizer), getattr(loaded.tokenizer, "name_or_path", ""), spec, stamp, settings.seq_len,
+    key = (id(tokenizer), getattr(tokenizer, "name_or_path", ""), spec, stamp, settings.seq_len,
            settings.n_sentences, settings.seed)
     if key not in _LAST_WINDOWS:
         source = load_text(spec)
-        ids = tokenize(loaded.tokenizer, source)
+        ids = tokenize(tokenizer, source)
         w = windows(ids, settings.seq_len, settings.n_sentences, settings.seed, what=f"calibration text {spec!r}")
         _LAST_WINDOWS.clear()
         _LAST_WINDOWS[key] = (w, source.description)
     return _LAST_WINDOWS[key]
-
-
-def calibrate(loaded: LoadedModel, settings: CalibrationSettings, names: list[str],
-              progress: bool = True) -> Stats:
-    """Statistics ``names`` for every MoE layer, from the cache when possible, else from one forward pass that
-    computes only the missing ones."""
-    for n in names:
-        STATISTICS.get(n)  # unknown names fail before any work
-    wins, description = calibration_windows(loaded, settings)
-    key = cache_key(loaded.fingerprint, wins)
-    cache = StatsCache(cache_root(), key)
-    meta = {"model": loaded.source, "model_fingerprint": loaded.fingerprint, "calibration": description,
-            "settings": asdict(settings), "windows": list(wins.shape), "cache_key": key}
-    have = cache.available() if settings.use_cache else set()
-    missing = [n for n in dict.fromkeys(names) if n not in have]
-    layers: LayerStats = cache.load([n for n in names if n in have]) if have else {}
-    meta["from_cache"] = sorted(set(names) - set(missing))
-    if missing:
-        LOG.info("calibrating on %s: %d windows of %d tokens (%s)", description, *wins.shape, ", ".join(missing))
-        fresh = observe(loaded.model, moe_layers(loaded.model), wins, missing, settings.train_batch_size, progress)
-        for li, per in fresh.items():
-            layers.setdefault(li, {}).update(per)
-        if settings.use_cache:
-            cache.save(fresh, meta)
-    meta["model_runs"] = 1 if missing else 0
-    return Stats(layers, meta)

@@ -1,10 +1,11 @@
-"""On-disk cache of calibration statistics, so that many plans reuse one pass over the model.
+"""On-disk cache of calibration statistics, one entry per layer and statistic, so that many plans reuse one pass over
+the model and an interrupted run resumes from the layers it finished.
 
-Layout: ``<cache_root>/stats/<key>/<statistic>.safetensors`` (tensors named ``<layer>.<field>``) and ``meta.json``
-(model fingerprint, calibration settings, library versions, statistics present). The key hashes the model
-fingerprint and the exact calibration token windows, so any change in model, text, seq_len, n_sentences or seed
-misses the cache. Statistics are stored one file each: a later plan that needs one more statistic computes only
-that one.
+Layout: ``<cache_root>/stats/<key>/layer-<i>/<statistic>.safetensors`` (tensors named by field) and ``meta.json``
+(model fingerprint, calibration settings, library versions). The key hashes the model fingerprint and the exact
+calibration token windows, so any change in model, text, seq_len, n_sentences or seed misses the cache. Every file is
+written under a unique temporary name and renamed into place, so a killed run or a second run writing the same
+entry at the same time never leaves a truncated file that a later run would trust.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .. import __version__
@@ -30,42 +32,50 @@ def cache_key(model_fingerprint: str, windows: torch.Tensor) -> str:
     return h.hexdigest()[:20]
 
 
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 class StatsCache:
     def __init__(self, root: Path, key: str) -> None:
         self.dir = Path(root) / "stats" / key
 
-    def available(self) -> set[str]:
-        meta = self._meta()
-        return set(meta.get("statistics", [])) if meta else set()
+    def _layer_dir(self, layer: int) -> Path:
+        return self.dir / f"layer-{layer}"
 
-    def _meta(self) -> dict | None:
-        try:
-            return json.loads((self.dir / "meta.json").read_text())
-        except (OSError, json.JSONDecodeError):
-            return None
+    def available(self, layer: int) -> set[str]:
+        """Statistics stored for ``layer``."""
+        d = self._layer_dir(layer)
+        return {p.stem for p in d.glob("*.safetensors")} if d.is_dir() else set()
 
-    def load(self, names: list[str]) -> LayerStats:
-        out: LayerStats = {}
+    def load(self, layer: int, names: list[str]) -> dict[str, dict[str, torch.Tensor]]:
+        """``{statistic: {field: tensor}}`` of ``layer``; an unreadable entry is treated as absent (recomputed)."""
+        out = {}
         for name in names:
-            for key, tensor in load_file(self.dir / f"{name}.safetensors").items():
-                layer, field = key.split(".", 1)
-                out.setdefault(int(layer), {}).setdefault(name, {})[field] = tensor
+            try:
+                out[name] = load_file(self._layer_dir(layer) / f"{name}.safetensors")
+            except (OSError, SafetensorError):
+                continue
         return out
 
-    def save(self, stats: LayerStats, meta: dict) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        names = {n for per_layer in stats.values() for n in per_layer}
-        for name in names:
-            flat = {f"{li}.{field}": t.contiguous() for li, per in stats.items() for field, t in per[name].items()}
-            # Write then rename so a killed run never leaves a truncated file that a later run would trust.
-            fd, tmp = tempfile.mkstemp(dir=self.dir, suffix=".tmp")
-            os.close(fd)
-            save_file(flat, tmp)
-            os.replace(tmp, self.dir / f"{name}.safetensors")
-        old = self._meta() or {}
-        meta = {**old, **meta, "statistics": sorted(set(old.get("statistics", [])) | names)}
-        meta["versions"] = versions()
-        (self.dir / "meta.json").write_text(json.dumps(meta, indent=2))
+    def save(self, layer: int, stats: dict[str, dict[str, torch.Tensor]], meta: dict) -> None:
+        d = self._layer_dir(layer)
+        d.mkdir(parents=True, exist_ok=True)
+        for name, fields in stats.items():
+            tensors = {f: t.contiguous().cpu() for f, t in fields.items()}
+            _atomic_write(d / f"{name}.safetensors", lambda tmp, t=tensors: save_file(t, tmp))
+        meta_path = self.dir / "meta.json"
+        if not meta_path.exists():
+            text = json.dumps({**meta, "versions": versions()}, indent=2, default=str)
+            _atomic_write(meta_path, lambda tmp: Path(tmp).write_text(text))
 
 
 def versions() -> dict[str, str]:

@@ -9,11 +9,10 @@ used (its own top-k, weights after renormalisation), so no top-k is ever recompu
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..families import MoeLayer
 from .stats import STATISTICS, LayerBatch, Statistic
@@ -89,52 +88,3 @@ class Observer:
             li: {name: acc.result() for name, acc in zip(self.names, accs)}
             for li, accs in self.accumulators.items()
         }
-
-
-class _StopForward(Exception):
-    """Raised by a hook after the last layer of interest: the rest of the model is not needed."""
-
-
-@torch.no_grad()
-def run_observed(model: nn.Module, windows: torch.Tensor, accumulators: dict[int, list] | None,
-                 layers: list[MoeLayer], batch_size: int = 1, progress: bool = False,
-                 stop_after: MoeLayer | None = None, desc: str = "calibrating", names: list[str] = (),
-                 until: Callable[[], bool] | None = None) -> Observer:
-    """Run ``windows`` through ``model`` with Observer hooks on ``layers`` feeding the registered statistics
-    ``names`` or, when given, the ``accumulators`` (anything with ``update(LayerBatch)``); returns the observer.
-
-    ``stop_after``: abort each forward right after that MoE block, since later layers cannot change what the
-    hooked layers see (this halves the cost of the layer-by-layer sequential pass on average). ``until``: stop
-    before the next batch once it returns true (e.g. every accumulator has its ``data_limit`` of tokens).
-    """
-    observer = Observer(layers, list(names))
-    if accumulators is not None:
-        observer.accumulators = accumulators
-    device = next(model.parameters()).device
-    stop = None
-    if stop_after is not None:
-        def _raise(module, args, output):
-            raise _StopForward
-
-        stop = stop_after.block.register_forward_hook(_raise)
-    try:
-        with observer.attached():
-            for lo in tqdm(range(0, len(windows), batch_size), desc=desc, unit="batch", disable=not progress):
-                if until is not None and until():
-                    break
-                try:
-                    model(input_ids=windows[lo:lo + batch_size].to(device), use_cache=False)
-                except _StopForward:
-                    pass
-    finally:
-        if stop is not None:
-            stop.remove()
-    return observer
-
-
-@torch.no_grad()
-def observe(model: nn.Module, layers: list[MoeLayer], windows: torch.Tensor, names: list[str],
-            batch_size: int = 1, progress: bool = True) -> dict[int, dict[str, dict[str, torch.Tensor]]]:
-    """Run ``windows [N, S]`` through the model in batches of ``batch_size`` and return, per MoE layer index and
-    statistic name, the accumulated sums."""
-    return run_observed(model, windows, None, layers, batch_size, progress, names=names).results()

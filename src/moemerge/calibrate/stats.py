@@ -197,6 +197,24 @@ class IntermediateCovariance(Statistic):
         self._add("counts", batch.routed_mask().sum(1))
 
 
+@STATISTICS.register("weight_gram")
+class WeightGram(Statistic):
+    """Gram matrix ``[E, E]`` of the experts' flattened (gate, up, down) weights, fp64: the ``weight`` similarity
+    base as a statistic, taken while the layer is built, so that plans over every layer need no weights in memory."""
+
+    def update(self, batch: LayerBatch) -> None:
+        if "gram" in self.sums:
+            return
+        gate_up, down = self.layer.expert_weights()
+        num_experts = gate_up.shape[0]
+        gram = torch.zeros(num_experts, num_experts, dtype=torch.float64, device=gate_up.device)
+        for t in (gate_up.reshape(num_experts, -1), down.reshape(num_experts, -1)):
+            for s in range(0, t.shape[1], 1 << 22):  # fp64 copies of a few million values at a time
+                block = t[:, s:s + (1 << 22)].to(torch.float64)
+                gram += block @ block.T
+        self.sums["gram"] = gram
+
+
 @STATISTICS.register("router_entropy")
 class RouterEntropy(Statistic):
     """Σ over tokens of the entropy (nats) of the router's softmax over all experts; divide by ``tokens`` for the

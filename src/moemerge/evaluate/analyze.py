@@ -6,7 +6,7 @@ variation of the frequencies: 0 = perfectly balanced), cosine-similarity matrice
 similarity bases (router logits, weights, expert outputs: the features the grouping step clusters), and optionally
 each expert's importance (held-out loss increase when it alone is masked, :mod:`.interventions`).
 
-Statistics come from :func:`moemerge.calibrate.calibrate`, so the calibration cache is shared with ``merge``: an
+Statistics come from :func:`moemerge.calibrate`, so the calibration cache is shared with ``merge``: an
 analysis after a merge with the same calibration settings does not run the model again for them. A checkpoint written
 by moemerge carries ``merge_info.json``; its groups are marked in the plots.
 """
@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..calibrate import CalibrationSettings, Stats, calibrate
+from ..calibrate import CalibrationSettings, Stats
+from ..pipeline import calibrate
 from ..errors import MoemergeError
 from ..families import family_of, moe_layers
 from ..loading import LoadedModel

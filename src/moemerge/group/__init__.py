@@ -22,7 +22,7 @@ from .plan import LayerPlan, MergePlan
 from .similarity import SIMILARITY
 
 __all__ = ["GROUPING", "GroupingContext", "LayerPlan", "MergePlan", "plan_groups", "CLUSTER", "LINKAGE",
-           "SIMILARITY", "uniform_targets"]
+           "SIMILARITY", "uniform_targets", "needs_all_layers", "needed_statistics", "merged_layers"]
 
 
 @dataclass
@@ -101,6 +101,15 @@ def plan_groups(recipe: Recipe, stats: Stats, all_layers: list[MoeLayer], top_k:
         ctx.targets = adaptive_targets(ctx)
     plans.update(run_grouping(ctx))  # dominant strategy, or prune / dynamic / global threshold (.options)
     return MergePlan(plans)
+
+
+def needs_all_layers(recipe: Recipe) -> bool:
+    """Whether the plan compares layers, so every layer's statistics must be in before any layer is grouped: Sub-MoE's
+    multi-layer allocation, the global distance threshold, the global frequency dominants and the frequency budgets
+    of ``dynamic_group``. Every other strategy plans each layer from its own statistics alone."""
+    return recipe.num_average_groups is not None and recipe.prune == "no" and (
+        recipe.multi_layer > 1 or recipe.hierarchical_stopping_metric is not None or recipe.dynamic_group
+        or recipe.dominant == "frequency")
 
 
 def needed_statistics(recipe: Recipe) -> list[str]:

@@ -90,7 +90,7 @@ def extra_statistics(recipe) -> list[str]:
 
 def check_combinations(recipe) -> None:
     """Raise ``ValueError`` (one line, naming the valid choices) for options that do not apply together."""
-    given = recipe.model_fields_set
+    given = recipe.explicit()
     merge, mode = recipe.merge, recipe.mode
     if merge in NEURON_MERGES:
         from ..merge.zipit import MODES

@@ -49,20 +49,8 @@ def _router_logits(stats: Stats, layer: MoeLayer) -> np.ndarray:
     return gram_embedding(s["gram"] / s["tokens"].clamp_min(1))
 
 
-def weight_gram(layer: MoeLayer, chunk: int = 1 << 22) -> torch.Tensor:
-    """Gram matrix of the experts' flattened (gate, up, down) weights, accumulated in chunks in fp64."""
-    gate_up, down = layer.expert_weights()
-    num_experts = gate_up.shape[0]
-    gram = torch.zeros(num_experts, num_experts, dtype=torch.float64)
-    for t in (gate_up.reshape(num_experts, -1), down.reshape(num_experts, -1)):
-        for s in range(0, t.shape[1], chunk):
-            block = t[:, s:s + chunk].to(torch.float64).cpu()
-            gram += block @ block.T
-    return gram
-
-
 def _weight(stats: Stats, layer: MoeLayer) -> np.ndarray:
-    return gram_embedding(weight_gram(layer))
+    return gram_embedding(stats.get(layer.index, "weight_gram")["gram"])
 
 
 def _expert_output_cosine(stats: Stats, layer: MoeLayer) -> np.ndarray:
@@ -83,7 +71,7 @@ SIMILARITY.add("expert-output", SimilarityBase(("expert_output_mean",), _expert_
                                                "mean output of each expert over all calibration tokens (HC-SMoE)"))
 SIMILARITY.add("router-logits", SimilarityBase(("router_logits",), _router_logits,
                                                "each expert's router-logit column over calibration tokens (MC-SMoE)"))
-SIMILARITY.add("weight", SimilarityBase((), _weight, "flattened gate, up and down weights"))
+SIMILARITY.add("weight", SimilarityBase(("weight_gram",), _weight, "flattened gate, up and down weights"))
 SIMILARITY.add("expert-output-cosine", SimilarityBase(("expert_output_cosine",), _expert_output_cosine,
                                                       "per-token cosine of expert outputs (Sub-MoE eq. 2)"))
 SIMILARITY.add("expert-output-collection", SimilarityBase(

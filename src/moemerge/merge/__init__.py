@@ -68,16 +68,30 @@ class MergeMethod:
     description: str = ""
     handles_singletons: bool = False
     needs_for: Callable[[Any], tuple[str, ...]] | None = None  # extra statistics that depend on the recipe
-    # Plan-aware second calibration pass (zipit, fix-dom-same, fit): (loaded, recipe, plan, stats, settings, progress,
-    # layers=None, stop_after=None) -> Stats with what the method needs per group, for the plan's merged layers (or
-    # only ``layers``, MoE layer indices), each forward cut after MoE layer ``stop_after`` when given. The pipeline
-    # calls it after grouping, before any merge; the sequential path once per layer.
-    prepare: Callable[..., Any] | None = None
+    # Plan-aware pass (zipit, fix-dom-same, fit): ``layer_pass(ctx: LayerPass) -> {stats entry: value}``. Which
+    # neurons to match or what to fit depends on the groups, so these statistics cannot come from the plan-independent
+    # calibration: the executor calls this once the layer's plan is known, with the layer built and ``ctx.run``
+    # pushing the layer's calibration inputs through it with the method's own accumulators hooked in.
+    layer_pass: Callable[["LayerPass"], dict[str, Any]] | None = None
 
     def statistics(self, recipe: Any = None) -> tuple[str, ...]:
         """``needs`` plus what ``needs_for(recipe)`` adds (e.g. covariances only when whitening)."""
         extra = self.needs_for(recipe) if self.needs_for is not None and recipe is not None else ()
         return tuple(dict.fromkeys((*self.needs, *extra)))
+
+
+@dataclass
+class LayerPass:
+    """What a plan-aware method sees of one layer: the built MoE layer, its plan, the layer's statistics, the recipe,
+    and ``run(accumulators, until=None)``, which pushes the layer's calibration inputs through the layer with the
+    accumulators (anything with ``update(LayerBatch)``) fed by the observer hooks, stopping early once ``until()``
+    is true."""
+
+    layer: MoeLayer
+    plan: LayerPlan
+    stats: Stats
+    recipe: Any
+    run: Callable[..., None]
 
 
 MERGE: Registry[MergeMethod] = Registry("merge")

@@ -10,7 +10,7 @@ projection in closed form so that, over the calibration tokens routed to the gro
 with ``h(x)`` the merged intermediate activation: ``s·W h`` is what the merged expert adds under ``router: keep``
 (the slots of a group share it, so their weights add up) and ``y`` what the original block added. The normal
 equations give ``W = B (A + λI)⁻¹`` with ``A = Σ s² h hᵀ``, ``B = Σ s y hᵀ`` (accumulated by
-``calibrate/fit_stats.py`` in a second, plan-aware pass) and GPTQ-style damping ``λ = damp·mean(diag A)``, solved in
+a plan-aware pass over the layer's calibration inputs, :class:`GroupFitAccumulator`) and GPTQ-style damping ``λ = damp·mean(diag A)``, solved in
 fp64. The result is kept only if it lowers the (undamped) objective below the starting average's, so ``fit`` never
 does worse than its start on the calibration objective.
 
@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import torch
 
+from ..calibrate.stats import LayerBatch, Statistic
 from ..errors import MoemergeError
-from . import MERGE, GroupInputs, MergeMethod, merge_layer
+from ..families import MoeLayer, expert_intermediate
+from . import MERGE, GroupInputs, LayerPass, MergeMethod, merge_layer
 
 DAMP = 0.01
 
@@ -53,7 +55,7 @@ def fit_objective(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Te
 
 def start_methods() -> list[str]:
     """Merges ``fit`` can start from: single-pass methods (no plan-aware pass of their own)."""
-    return [m for m in MERGE if m not in ("fit", "no") and MERGE.get(m).prepare is None]
+    return [m for m in MERGE if m not in ("fit", "no") and MERGE.get(m).layer_pass is None]
 
 
 def start_method(mode: str) -> str:
@@ -73,12 +75,12 @@ def _start(inputs: GroupInputs) -> tuple[torch.Tensor, torch.Tensor]:
 def fit_merge(inputs: GroupInputs) -> tuple[torch.Tensor, torch.Tensor]:
     """Starting merge for gate/up, least-squares down projection (see the module docstring)."""
     gate_up, down = _start(inputs)
-    key = "-".join(str(m) for m in sorted(inputs.members))
+    key = group_key(inputs.members)
     layer = inputs.layer.index if inputs.layer is not None else None
     per = inputs.stats.layers.get(layer, {}).get("fit") if inputs.stats is not None else None
     if per is None:
-        raise MoemergeError("merge=fit needs the plan-aware fit pass (run it through pipeline.merge_model or "
-                            "merge.fit.prepare_fit)")
+        raise MoemergeError("merge=fit needs the plan-aware fit pass (run it through moemerge.merge_model or "
+                            "the executor)")
     if f"{key}.A" not in per:  # no calibration token reached this group: nothing to fit to
         return gate_up, down
     a, b, c = per[f"{key}.A"], per[f"{key}.B"], per[f"{key}.C"]
@@ -88,48 +90,82 @@ def fit_merge(inputs: GroupInputs) -> tuple[torch.Tensor, torch.Tensor]:
     return gate_up, fitted.to(down.dtype)
 
 
-def starting_gate_up(layer, layer_plan, stats, mode: str, recipe=None
+# ---- the plan-aware pass ------------------------------------------------------------------------------------------
+# Largest number of routed tokens pushed through one group's members at once (bounds [n, T, 2I] temporaries).
+CHUNK_TOKENS = 4096
+
+
+def group_key(members) -> str:
+    """Stable field prefix of a group's sums: its sorted members joined by ``-``."""
+    return "-".join(str(m) for m in sorted(members))
+
+
+class GroupFitAccumulator(Statistic):
+    """The sufficient statistics of the least-squares down projection, per multi-member group of one layer, over the
+    calibration tokens routed to the group (fp64 sums; no per-token tensor outlives one chunk of one batch):
+
+    * ``A = Σ s² h hᵀ`` ``[I, I]``, ``h`` the *starting* merged expert's intermediate activation;
+    * ``B = Σ s y hᵀ`` ``[H, I]``, ``y = Σ_{i∈g} w_i E_i(x)`` what the original members added;
+    * ``C = Σ ‖y‖²``, so the objective can be evaluated for any ``W`` without the tokens; and ``tokens``.
+
+    ``starts[g]`` is the starting merged gate/up ``[2I, H]`` of ``groups[g]``. Memory: ``G·(I² + H·I)·8`` bytes.
+    """
+
+    def __init__(self, layer: MoeLayer, groups: list[list[int]], starts: list[torch.Tensor]) -> None:
+        super().__init__(layer, layer.experts.gate_up_proj.device)
+        self.groups = [list(g) for g in groups]
+        self.starts = starts
+
+    @torch.no_grad()
+    def update(self, batch: LayerBatch) -> None:
+        weights = batch.routed_weights()  # [E, T]
+        mask = batch.routed_mask()  # [E, T]
+        gate_up, down = self.layer.expert_weights()
+        act = self.layer.experts.act_fn
+        for members, start in zip(self.groups, self.starts):
+            key = group_key(members)
+            idx = torch.tensor(members, device=weights.device)
+            selected = mask[idx].any(0).nonzero().squeeze(1)
+            if selected.numel() == 0:
+                continue
+            gu_m, dn_m, start32 = gate_up[idx].float(), down[idx].float(), start.float()[None]
+            for lo in range(0, selected.numel(), CHUNK_TOKENS):
+                tok = selected[lo:lo + CHUNK_TOKENS]
+                x = batch.hidden[tok]
+                w = weights[idx][:, tok]  # [n, t]
+                s = w.sum(0).double()  # [t]
+                out = torch.einsum("nti,nhi->nth", expert_intermediate(x, gu_m, act), dn_m)
+                y = torch.einsum("nt,nth->th", w, out).double()  # Σ_i w_i E_i(x): what the block added
+                h = expert_intermediate(x, start32, act)[0].double()  # [t, I]
+                self._add(f"{key}.A", (h * (s * s)[:, None]).T @ h)
+                self._add(f"{key}.B", (y * s[:, None]).T @ h)
+                self._add(f"{key}.C", (y * y).sum())
+                self._add(f"{key}.tokens", torch.tensor(float(tok.numel())))
+
+
+@torch.no_grad()
+def starting_gate_up(layer: MoeLayer, layer_plan, stats, mode: str, recipe=None
                      ) -> tuple[list[list[int]], list[torch.Tensor]]:
     """The multi-member groups of a layer and their starting merged gate/up (as the model will store them)."""
-    method = start_method(mode)
     groups = [g for g in layer_plan.groups if len(g) > 1]
     if not groups:
         return [], []
-    merged = merge_layer(layer, layer_plan, method, stats, mode, recipe)
+    merged = merge_layer(layer, layer_plan, start_method(mode), stats, mode, recipe)
     starts = [merged.gate_up[i] for i, g in enumerate(layer_plan.groups) if len(g) > 1]
     return groups, starts
 
 
-def add_fit_statistics(model, layers, plan, stats, windows: torch.Tensor, mode: str = "normal",
-                       batch_size: int = 1, progress: bool = False, stop_after=None, recipe=None) -> None:
-    """Run the fit pass for ``layers`` (those the plan merges) and store the sums as ``stats.layers[i]["fit"]``."""
-    from ..calibrate.fit_stats import fit_statistics
-
-    todo = [layer for layer in layers if not plan.layers[layer.index].is_identity]
-    groups, starts = {}, {}
-    with torch.no_grad():
-        for layer in todo:
-            groups[layer.index], starts[layer.index] = starting_gate_up(layer, plan.layers[layer.index], stats,
-                                                                        mode, recipe)
-    fresh = fit_statistics(model, todo, groups, starts, windows, batch_size, progress, stop_after)
-    for li, per in fresh.items():
-        stats.layers.setdefault(li, {})["fit"] = per
-
-
-def prepare_fit(loaded, recipe, plan, stats, settings, progress: bool = False, layers=None, stop_after=None):
-    """Pipeline hook (``MergeMethod.prepare``): the plan-aware second pass over the calibration windows, on the
-    still-unmerged model; returns ``stats`` with a ``fit`` entry per merged layer."""
-    from ..calibrate import calibration_windows
-    from ..families import moe_layers
-
-    wins, _ = calibration_windows(loaded, settings)
-    todo = [layer for layer in moe_layers(loaded.model) if layers is None or layer.index in layers]
-    add_fit_statistics(loaded.model, todo, plan, stats, wins, recipe.mode, settings.train_batch_size, progress,
-                       stop_after=stop_after, recipe=recipe)
-    return stats
+def fit_pass(ctx: LayerPass) -> dict:
+    """The plan-aware pass of ``fit``: the fit sums of every multi-member group, as stats entry ``fit``."""
+    groups, starts = starting_gate_up(ctx.layer, ctx.plan, ctx.stats, ctx.recipe.mode, ctx.recipe)
+    if not groups:
+        return {}
+    acc = GroupFitAccumulator(ctx.layer, groups, starts)
+    ctx.run([acc])
+    return {"fit": acc.result()}
 
 
 MERGE.add("fit", MergeMethod(
     fit_merge, description="output-fitted merge (MergeMoE): starting average, least-squares down projection on "
-                           "the group's routed output; one extra calibration pass",
-    prepare=prepare_fit))
+                           "the group's routed output; one extra pass per layer",
+    layer_pass=fit_pass))

@@ -11,7 +11,7 @@ become one merged neuron, from a similarity ``K [nI, nI]`` between neurons (neur
 
 ``K`` (the ``ingredient``) is the correlation matrix of standardised neuron features: ``act`` = intermediate
 activations ``act(x W_gate) ⊙ (x W_up)`` on the calibration tokens routed to the group (accumulated in fp64 by
-:mod:`moemerge.calibrate.group_stats`); ``weight`` = the neurons' weight vectors ``[gate row, up row, down column]``;
+:class:`GroupActivationMoments` in a plan-aware pass over the layer's calibration inputs); ``weight`` = the neurons' weight vectors ``[gate row, up row, down column]``;
 ``act+weight`` = the sum of both correlation matrices (the correlation of the concatenated standardised features).
 
 ``mode``: ``normal`` averages members uniformly (α = 1/n); ``input-weight`` uses α = tokens routed to each member /
@@ -29,15 +29,20 @@ expert's neurons are fixed and every other member's neurons are matched one-to-o
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 
-from . import MERGE, GroupInputs, MergeMethod, frequency_weights
+from ..calibrate.stats import LayerBatch, Statistic
+from ..families import MoeLayer, expert_intermediate
+from . import MERGE, GroupInputs, LayerPass, MergeMethod, frequency_weights
 from .align import match_permutation, neuron_features
 
 MODES = ("normal", "activation-with-router-logits", "input-weight", "all")
 INGREDIENTS = ("act", "weight", "act+weight")
-ASSIGN_STAT = "group_assign"  # Stats entry written by calibrate.group_stats: {"<m1>,<m2>,...": assignment [nI]}
+ASSIGN_STAT = "group_assign"  # Stats entry written by the layer pass: {"<m1>,<m2>,...": assignment [nI]}
+LOG = logging.getLogger(__name__)
 
 
 def correlation(cov: torch.Tensor) -> torch.Tensor:
@@ -199,14 +204,95 @@ def fix_dom_same_merge(inputs: GroupInputs) -> tuple[torch.Tensor, torch.Tensor]
     return _merge("fix-dom-same", inputs)
 
 
-def _prepare(loaded, recipe, plan, stats, settings, progress=True, layers=None, stop_after=None):
-    from ..calibrate.group_stats import neuron_assignments
+# ---- the plan-aware pass ------------------------------------------------------------------------------------------
+class GroupActivationMoments(Statistic):
+    """Σf, Σffᵀ (fp64) and token count per group, over the tokens routed to any member, at most ``data_limit``
+    tokens per group; ``f`` = the members' intermediate activations ``act(x W_gate) ⊙ (x W_up)`` side by side
+    ``[n·I]`` (times each member's router probability with ``with_router``). No per-token storage."""
 
-    return neuron_assignments(loaded, recipe, plan, stats, settings, progress, layers, stop_after)
+    def __init__(self, layer: MoeLayer, groups: list[list[int]], with_router: bool, data_limit: int | None) -> None:
+        super().__init__(layer, layer.experts.gate_up_proj.device)
+        self.groups = groups
+        self.with_router = with_router
+        self.data_limit = data_limit
+        self.counts = {i: 0 for i in range(len(groups))}
+
+    def full(self) -> bool:
+        return self.data_limit is not None and all(c >= self.data_limit for c in self.counts.values())
+
+    def update(self, batch: LayerBatch) -> None:
+        gate_up, _ = self.layer.expert_weights()
+        routed = batch.routed_mask()  # [E, T]
+        probs = torch.softmax(batch.router_logits.float(), -1) if self.with_router else None
+        for gi, members in enumerate(self.groups):
+            room = None if self.data_limit is None else self.data_limit - self.counts[gi]
+            if room is not None and room <= 0:
+                continue
+            tokens = torch.nonzero(routed[members].any(0)).reshape(-1)[:room]
+            if tokens.numel() == 0:
+                continue
+            idx = torch.tensor(members, device=gate_up.device)
+            act = expert_intermediate(batch.hidden[tokens], gate_up[idx].float(), self.layer.experts.act_fn)
+            if probs is not None:  # activation-with-router-logits: scale by each member's router probability
+                act = act * probs[tokens][:, members].T[:, :, None]
+            feats = act.permute(1, 0, 2).reshape(tokens.numel(), -1).to(torch.float64)  # [t, nI]
+            self._add(f"{gi}.sum", feats.sum(0))
+            self._add(f"{gi}.gram", feats.T @ feats)
+            self.counts[gi] += int(tokens.numel())
+
+
+def _parts(jobs: list, partition: int) -> list[list]:
+    """``partition`` parts of the job list (clamped to the number of jobs, never zero parts)."""
+    n = max(1, min(partition, len(jobs)))
+    return [[jobs[i] for i in chunk] for chunk in np.array_split(np.arange(len(jobs)), n) if len(chunk)]
+
+
+def similarity_for_group(acc: GroupActivationMoments | None, gi: int, gate_up: torch.Tensor, down: torch.Tensor,
+                         ingredient: str, layer: int) -> torch.Tensor:
+    """The neuron similarity ``K`` of the ``ingredient`` for group ``gi`` of the accumulator."""
+    k = None
+    count = acc.counts[gi] if acc is not None else 0
+    if ingredient in ("act", "act+weight"):
+        if count >= 2:
+            k = correlation(covariance_from_moments(acc.sums[f"{gi}.sum"], acc.sums[f"{gi}.gram"], count)).cpu()
+        else:
+            LOG.warning("layer %s group %s: %d routed calibration tokens, using the weight ingredient", layer, gi,
+                        count)
+    if ingredient in ("weight", "act+weight") or k is None:
+        w = weight_correlation(gate_up, down)
+        k = w if k is None or ingredient == "weight" else k + w
+    return k
+
+
+def assignment_pass(ctx: LayerPass) -> dict:
+    """The plan-aware pass of ``zipit`` / ``fix-dom-same``: stats entry ``group_assign`` = {"m1,m2,...": neuron
+    cluster ids [n·I]} for every group of more than one expert. ``partition`` splits the layer's groups into that
+    many parts, one pass each, so only one part's Gram matrices live at a time; each part's matrices are reduced at
+    once to the small assignment and freed (results do not depend on ``partition``)."""
+    recipe, layer = ctx.recipe, ctx.layer
+    jobs = [(m, d) for m, d in zip(ctx.plan.groups, ctx.plan.dominant) if len(m) > 1]
+    use_act = recipe.ingredient in ("act", "act+weight")
+    with_router = recipe.mode in ("activation-with-router-logits", "all")
+    gate_up, down = layer.expert_weights()
+    inter = down.shape[-1]
+    out = {}
+    for part in _parts(jobs, recipe.partition) if jobs else []:
+        acc = None
+        if use_act:
+            acc = GroupActivationMoments(layer, [m for m, _ in part], with_router, recipe.data_limit)
+            ctx.run([acc], until=acc.full)  # stop once every group has its data_limit of tokens
+        for gi, (members, dom) in enumerate(part):
+            idx = torch.tensor(members, device=gate_up.device)
+            k = similarity_for_group(acc, gi, gate_up[idx].float().cpu(), down[idx].float().cpu(), recipe.ingredient,
+                                     layer.index)
+            out[group_key(members)] = torch.as_tensor(assignment(recipe.merge, k, len(members), inter,
+                                                                 members.index(dom)))
+        del acc
+    return {ASSIGN_STAT: out} if out else {}
 
 
 MERGE.add("zipit", MergeMethod(zipit_merge, description="ZipIt: zip correlated intermediate neurons of the group "
-                                                        "(ingredient, mode)", prepare=_prepare))
+                                                        "(ingredient, mode)", layer_pass=assignment_pass))
 MERGE.add("fix-dom-same", MergeMethod(fix_dom_same_merge, description="match every member's neurons to the "
                                                                       "dominant expert's, then average",
-                                      prepare=_prepare))
+                                      layer_pass=assignment_pass))

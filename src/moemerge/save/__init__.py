@@ -1,12 +1,9 @@
-"""Stage 4, save: put merged experts into the model, adapt the router, write a checkpoint that loads in stock
-transformers, and prove it by reloading."""
+"""Stage 4, save: put merged experts into a layer in the checkpoint format asked for, adapt the router, and edit the
+config. Writing the files, and reading them back, is the executor's sink (:mod:`moemerge.execute.sink`)."""
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,9 +14,8 @@ from ..errors import MoemergeError
 from ..families import family_of
 from ..group.plan import MergePlan
 from .formats import FORMATS, ROUTER_ADAPT, check_plan
-from .mapped import check_expert_ids, remote_config
 
-__all__ = ["FORMATS", "ROUTER_ADAPT", "check_plan", "apply_plan", "SaveReport", "save_checkpoint",
+__all__ = ["FORMATS", "ROUTER_ADAPT", "check_plan", "apply_plan", "SaveReport", "edited_config", "set_expert_count",
            "prepare_output", "count_parameters", "original_config", "router_statistics", "router_adapt_for"]
 
 
@@ -56,11 +52,7 @@ def apply_plan(model: nn.Module, plan: MergePlan, merged: dict, frequencies: dic
             inputs = stats.get(layer.index, "router_inputs")["x"]
         fmt.apply(layer, layer_plan, merged[layer.index], frequencies[layer.index], router_adapt,
                   inputs=inputs, **extra)
-    if fmt.changes_count:
-        count = max(counts.values()) if fmt.padded else next(iter(counts.values()))
-        for key in spec.num_experts_keys:
-            if hasattr(model.config, key):
-                setattr(model.config, key, count)
+    set_expert_count(model.config, spec, plan, router)
 
 
 @dataclass
@@ -105,85 +97,28 @@ def original_config(source: str, local_dir: Path | None, model: nn.Module) -> di
         return model.config.to_dict()
 
 
-def _edited_config(config: dict, model: nn.Module) -> dict:
-    """Copy of the original config with only what must change: the expert count, and the dtype if the weights are
-    saved in another dtype than the original's."""
-    spec = family_of(model.config)
+def edited_config(config: dict, spec, count: int, dtype: torch.dtype) -> dict:
+    """Copy of the original config.json with only what must change: the expert count, and the dtype if the weights
+    are saved in another dtype than the original's (v5's own re-serialisation would rename keys that older readers
+    and vLLM need, e.g. Qwen3-MoE's ``num_experts``)."""
     new = dict(config)
-    count = spec.num_experts(model.config)
     keys = [k for k in spec.num_experts_keys if k in new] or [spec.num_experts_keys[0]]
     for key in keys:
         new[key] = count
-    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    name = str(dtype).removeprefix("torch.")
     for key in ("torch_dtype", "dtype"):
-        if key in new and new[key] != dtype:
-            new[key] = dtype
+        if key in new and new[key] != name:
+            new[key] = name
     return new
 
 
-def _saved_keys(folder: Path) -> list[str]:
-    from safetensors import safe_open
-
-    keys = []
-    for f in sorted(Path(folder).glob("*.safetensors")):
-        with safe_open(str(f), "pt") as handle:
-            keys.extend(handle.keys())
-    return keys
-
-
-def save_checkpoint(model: nn.Module, tokenizer, out: Path, config: dict, merge_info: dict,
-                    probe: torch.Tensor, overwrite: bool = False, extra_files: dict[str, str] | None = None
-                    ) -> SaveReport:
-    """Write ``model`` to ``out`` atomically and verify the reload.
-
-    Writes into a hidden temporary folder beside ``out``, reloads it with stock ``AutoModelForCausalLM`` (no
-    missing, unexpected or mismatched keys allowed; logits on ``probe`` must match the in-memory model), and only
-    then renames it to ``out``. On any failure nothing is left behind.
-    """
-    from transformers import AutoModelForCausalLM
-
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        # Reverting only the conversions used at load time would write fused keys for a fused checkpoint; without
-        # this attribute transformers reverts the family's full mapping: per-expert hub names, ids 0..E'-1.
-        if hasattr(model, "_weight_conversions"):
-            del model._weight_conversions
-        model.save_pretrained(tmp)
-        new_config = _edited_config(config, model)
-        remote = remote_config(model, new_config)  # mapped/lowrank: ship the modeling code, custom model_type
-        if remote is not None:
-            new_config, code = remote
-            extra_files = {**(extra_files or {}), **code}
-        (tmp / "config.json").write_text(json.dumps(new_config, indent=2))
-        tokenizer.save_pretrained(tmp)
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
-        (tmp / "merge_info.json").write_text(json.dumps(merge_info, indent=2, default=str))
-
-        dtype = next(model.parameters()).dtype
-        device = next(model.parameters()).device
-        check_expert_ids(_saved_keys(tmp))
-        reloaded, info = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype, output_loading_info=True,
-                                                              trust_remote_code=remote is not None)
-        missing, unexpected = list(info["missing_keys"]), list(info["unexpected_keys"])
-        mismatched = list(info.get("mismatched_keys", []))
-        if missing or unexpected or mismatched:
-            raise MoemergeError(f"saved checkpoint does not reload cleanly: missing={missing[:3]} "
-                                f"unexpected={unexpected[:3]} mismatched={mismatched[:3]}")
-        with torch.no_grad():
-            a = model(input_ids=probe.to(device)).logits.float().cpu()
-            b = reloaded.to(device).eval()(input_ids=probe.to(device)).logits.float().cpu()
-        diff = (a - b).abs().max().item()
-        tol = 1e-5 if dtype == torch.float32 else 1e-2
-        if diff > tol * max(1.0, a.abs().max().item()):
-            raise MoemergeError(f"reloaded checkpoint gives different logits (max diff {diff:.3g})")
-        params = count_parameters(reloaded)
-        del reloaded
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return SaveReport(out, params, folder_bytes(out), diff, missing, unexpected)
+def set_expert_count(config, spec, plan: MergePlan, router: str) -> None:
+    """Update an in-memory config's expert count once a format that changes it has written every layer."""
+    fmt = FORMATS.get(router)
+    if not fmt.changes_count:
+        return
+    counts = plan.counts().values()
+    count = max(counts) if fmt.padded else next(iter(counts))
+    for key in spec.num_experts_keys:
+        if hasattr(config, key):
+            setattr(config, key, count)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import MoemergeError
-from ..families import MoeLayer, family_of, moe_layers
+from ..families import MoeLayer
 from ..group.plan import LayerPlan
 from ..merge import MergedLayer
 from .formats import FORMATS, Format, _set_param, adapt_rows
@@ -135,18 +135,11 @@ FORMATS.add("padded", Format(apply_padded, changes_count=True, supports_dropping
 
 
 # ---- saving ------------------------------------------------------------------------------------------------------
-def mapped_layers(model: nn.Module) -> dict[int, nn.Module]:
-    """MoE layers whose experts module is a mapped one (duck-typed: the shipped class may be a remote copy)."""
-    return {layer.index: layer.experts for layer in moe_layers(model) if hasattr(layer.experts, "expert_map_list")}
-
-
-def remote_config(model: nn.Module, config: dict) -> tuple[dict, dict[str, str]] | None:
-    """For a model with mapped layers: the config to write (original + model_type, architectures, auto_map,
-    expert_map, expert_ranks) and the modeling file to ship; None for a stock model."""
-    layers = mapped_layers(model)
-    if not layers:
-        return None
-    spec = family_of(model.config)
+def remote_config(spec, config: dict, mapped: dict[int, dict]) -> tuple[dict, dict[str, str]]:
+    """For a model with mapped layers (``mapped[layer] = {"expert_map": [...], "ranks": {...} | None}``): the config
+    to write (original + model_type, architectures, auto_map, expert_map, expert_ranks) and the modeling file shipped
+    beside it for users of ``trust_remote_code`` (moemerge itself loads these checkpoints through its installed
+    classes, never through that file)."""
     if spec.name not in REMOTE_CLASSES:
         raise MoemergeError(f"no shipped modeling code for family {spec.name}")
     model_type, config_cls, model_cls = REMOTE_CLASSES[spec.name]
@@ -154,9 +147,8 @@ def remote_config(model: nn.Module, config: dict) -> tuple[dict, dict[str, str]]
     new = dict(config)
     new.update(model_type=model_type, architectures=[model_cls],
                auto_map={"AutoConfig": f"{module}.{config_cls}", "AutoModelForCausalLM": f"{module}.{model_cls}"},
-               expert_map={str(i): list(e.expert_map_list) for i, e in sorted(layers.items())})
-    ranks = {str(i): {n: int(getattr(e, f"{n}_a").shape[2]) for n in ("gate", "up", "down")}
-             for i, e in sorted(layers.items()) if hasattr(e, "gate_a")}
+               expert_map={str(i): list(m["expert_map"]) for i, m in sorted(mapped.items())})
+    ranks = {str(i): m["ranks"] for i, m in sorted(mapped.items()) if m.get("ranks")}
     if ranks:
         new["expert_ranks"] = ranks
     else:

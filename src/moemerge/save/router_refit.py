@@ -12,8 +12,8 @@ family's routing weights (softmax → top-k → renormalise if the family does, 
 gradient flows through the selected weights (the usual straight-through treatment of top-k routers). Starts from the
 ``router_adapt`` rows and keeps them unless the objective on the sample improves, so it never does worse on it.
 
-Memory: ``max_tokens`` sampled hidden states and targets per layer (``2·max_tokens·H`` fp32), taken in one extra
-calibration pass before the experts are replaced.
+Memory: ``max_tokens`` sampled hidden states and targets per layer (``2·max_tokens·H`` fp32), taken by the executor
+from the layer's calibration inputs before its experts are replaced.
 """
 
 from __future__ import annotations
@@ -34,6 +34,9 @@ class RoutedOutputSample:
         self.hidden: list[torch.Tensor] = []
         self.target: list[torch.Tensor] = []
         self.count = 0
+
+    def full(self) -> bool:
+        return self.count >= self.max_tokens
 
     @torch.no_grad()
     def update(self, batch) -> None:
@@ -86,17 +89,6 @@ def refit_rows(rows: torch.Tensor, hidden: torch.Tensor, expert_out: torch.Tenso
     return best, before, best_loss
 
 
-def capture(model, layers: list[MoeLayer], windows: torch.Tensor, batch_size: int = 1, progress: bool = False,
-            stop_after: MoeLayer | None = None, max_tokens: int = MAX_TOKENS) -> dict[int, tuple]:
-    """One calibration pass (on the model before the layers' experts are replaced): per layer index, a sample of
-    hidden states and the original routed outputs."""
-    from ..calibrate.observer import run_observed
-
-    accs = {layer.index: [RoutedOutputSample(layer, max_tokens)] for layer in layers}
-    run_observed(model, windows, accs, layers, batch_size, progress, stop_after, desc="router-fit pass")
-    return {li: acc[0].result() for li, acc in accs.items() if acc[0].count}
-
-
 @torch.no_grad()
 def refit_layer(layer: MoeLayer, sample: tuple[torch.Tensor, torch.Tensor], top_k: int, renormalize: bool,
                 steps: int = 100) -> tuple[float, float]:
@@ -110,20 +102,3 @@ def refit_layer(layer: MoeLayer, sample: tuple[torch.Tensor, torch.Tensor], top_
         rows, before, after = refit_rows(weight.data, hidden, expert_out, target, top_k, renormalize, steps)
     weight.data.copy_(rows.to(weight.dtype))
     return before, after
-
-
-def refit_routers(loaded, recipe, plan, settings, apply, progress: bool = False) -> dict[int, tuple[float, float]]:
-    """Capture samples on the unmerged model, run ``apply()`` (which writes the collapsed layers), then refit each
-    merged layer's router. Returns the per-layer sample MSE before/after."""
-    from ..calibrate import calibration_windows
-    from ..families import family_of, moe_layers
-
-    model = loaded.model
-    layers = [layer for layer in moe_layers(model) if not plan.layers[layer.index].is_identity]
-    wins, _ = calibration_windows(loaded, settings)
-    samples = capture(model, layers, wins, settings.train_batch_size, progress)
-    apply()
-    spec = family_of(model.config)
-    top_k, renorm = spec.top_k(model.config), spec.renormalizes(model.config)
-    return {layer.index: refit_layer(layer, samples[layer.index], top_k, renorm)
-            for layer in moe_layers(model) if layer.index in samples}

@@ -168,3 +168,5 @@ Qwen2MoeMappedConfig, Qwen2MoeMappedForCausalLM = _mapped_family(Qwen2MoeConfig,
 register_checkpoint_conversion_mapping("mixtral_mapped", get_checkpoint_conversion_mapping("mixtral"), overwrite=True)
 register_checkpoint_conversion_mapping("qwen2_moe_mapped", get_checkpoint_conversion_mapping("qwen2_moe"),
                                        overwrite=True)
+
+MAPPED_CLASSES = [(MixtralMappedConfig, MixtralMappedForCausalLM), (Qwen2MoeMappedConfig, Qwen2MoeMappedForCausalLM)]
