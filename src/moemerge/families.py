@@ -142,10 +142,20 @@ class MoeLayer:
         Used for the expert-output statistics (HC-SMoE, Sub-MoE eq. 2). Matches ``experts(h, idx=e, w=1)``.
         """
         gu, dn = self.expert_weights()
-        gu = (gate_up if gate_up is not None else gu).float()
-        dn = (down if down is not None else dn).float()
-        inter = expert_intermediate(hidden.float(), gu, self.experts.act_fn)
-        return torch.einsum("eti,ehi->eth", inter, dn)
+        gu = gate_up if gate_up is not None else gu
+        dn = down if down is not None else dn
+        x = hidden.float()
+        out = torch.empty(gu.shape[0], x.shape[0], dn.shape[1], dtype=torch.float32, device=x.device)
+        # fp32 copies of a few experts at a time: a whole layer's would double its memory (2 GB for Qwen1.5-MoE)
+        step = max(1, EXPERT_CHUNK_BYTES // max(1, 4 * (gu[0].numel() + dn[0].numel())))
+        for lo in range(0, gu.shape[0], step):
+            inter = expert_intermediate(x, gu[lo:lo + step].float(), self.experts.act_fn)
+            out[lo:lo + step] = torch.einsum("eti,ehi->eth", inter, dn[lo:lo + step].float())
+        return out
+
+
+#: fp32 expert weights converted at once by :meth:`MoeLayer.run_experts`
+EXPERT_CHUNK_BYTES = 256 * 2**20
 
 
 def expert_intermediate(hidden: torch.Tensor, gate_up: torch.Tensor, act_fn) -> torch.Tensor:

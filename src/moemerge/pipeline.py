@@ -30,7 +30,7 @@ from .families import FamilySpec, family_of
 from .group import merged_layers, uniform_targets
 from .group.plan import MergePlan
 from .loading import LoadedModel, cache_root, fingerprint, open_checkpoint, resolve_device, resolve_dtype
-from .recipe import Recipe
+from .recipe import Recipe, parse_size
 from .save import FORMATS, SaveReport, edited_config, set_expert_count
 
 LOG = logging.getLogger(__name__)
@@ -293,7 +293,7 @@ def _run(recipe: Recipe, source: LayerSource, tokenizer, name: str, local_dir: P
 
     sink = None
     if out is not None:
-        sink = ShardSink(out, KeyConverter(meta_skeleton(source.config, dtype)))
+        sink = ShardSink(out, KeyConverter(meta_skeleton(source.config, dtype)), parse_size(recipe.max_shard_size))
         job.sink, job.probe = sink, _probe(tokenizer)
     try:
         outcome = execute(source, recipe, job)

@@ -25,6 +25,24 @@ def _choices(registry_name: str) -> list[str]:
     return methods.REGISTRIES[registry_name].names()
 
 
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
+          "GIB": 2**30}
+
+
+def parse_size(text: str | int) -> int:
+    """``5GB`` / ``500MB`` / ``2GiB`` / a number of bytes -> bytes (units as in ``save_pretrained``)."""
+    raw = str(text).strip().upper().replace(" ", "")
+    number = raw.rstrip("KMGTIB")
+    unit = raw[len(number):]
+    try:
+        value = float(number) * _UNITS[unit]
+    except (ValueError, KeyError):
+        raise ValueError(f"{text!r} is not a size (e.g. 5GB, 500MB, 2GiB)") from None
+    if value < 1:
+        raise ValueError(f"size {text!r} must be positive")
+    return int(value)
+
+
 class Recipe(BaseModel):
     """Every option of a merge run. Defaults reproduce the HC-SMoE paper (expert-output similarity, hierarchical
     clustering with average linkage, frequency-weighted merging, router kept)."""
@@ -95,6 +113,7 @@ class Recipe(BaseModel):
                                                  "least squares to the members' log-sum-exp; measured best).")
     router_fit: bool = Field(False, description="Refit collapsed router rows on calibration tokens.")
     overwrite: bool = Field(False, description="Replace output_path if it exists.")
+    max_shard_size: str = Field("5GB", description="Largest output shard (e.g. 5GB, 500MB), as save_pretrained's.")
 
     # ---- evaluation -------------------------------------------------------------------------------------------
     ppl: list[str] | None = Field(
@@ -115,6 +134,12 @@ class Recipe(BaseModel):
         valid = _choices(info.field_name)
         if value not in valid:
             raise ValueError(f"unknown {info.field_name} {value!r}; valid choices: {', '.join(valid)}")
+        return value
+
+    @field_validator("max_shard_size")
+    @classmethod
+    def _size(cls, value: str) -> str:
+        parse_size(value)
         return value
 
     @model_validator(mode="after")

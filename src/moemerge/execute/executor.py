@@ -49,8 +49,8 @@ from .trunk import LayerCall, Trunk, run_layer
 
 LOG = logging.getLogger(__name__)
 
-#: Logits of at most this many values are computed at once by the LM head during evaluation (fp32: 1 GiB).
-HEAD_CHUNK_VALUES = 1 << 28
+#: Logits of at most this many values are computed at once by the LM head during evaluation (fp32: 256 MiB).
+HEAD_CHUNK_VALUES = 1 << 26
 
 
 class Stream:
@@ -335,7 +335,8 @@ class _Walk:
             return
         if self.merging:
             plans = {li: (self.plan.layers[li] if self.plan is not None and li in self.plan.layers
-                          else self.layer_plans.get(li, LayerPlan.identity(li, v.num_experts)))
+                          else self.layer_plans[li] if li in self.layer_plans
+                          else LayerPlan.identity(li, v.num_experts))
                      for li, v in self.views.items()}
             self.plan = MergePlan(plans)
             self.out.plan = self.plan
@@ -452,14 +453,18 @@ def _outside(module: nn.Module, skip: nn.Module) -> Iterator[nn.Parameter]:
 
 
 def _head_logprobs(trunk: Trunk, ids: torch.Tensor, hidden: torch.Tensor) -> Iterator[tuple[torch.Tensor, ...]]:
-    """Per window chunk: (next-token log-probs [b, S-1, V] fp32, targets [b, S-1])."""
+    """Per chunk of windows and positions: (next-token log-probs [b, p, V] fp32, targets [b, p]); each chunk holds
+    at most about ``HEAD_CHUNK_VALUES`` logits."""
     vocab = int(trunk.model.get_output_embeddings().weight.shape[0])
-    step = max(1, HEAD_CHUNK_VALUES // max(1, ids.shape[1] * vocab))
+    length = ids.shape[1] - 1  # the last position predicts nothing we can score
+    rows = max(1, HEAD_CHUNK_VALUES // max(1, length * vocab))
+    span = max(1, HEAD_CHUNK_VALUES // vocab) if rows == 1 else length
     device = hidden.device
-    for lo in range(0, ids.shape[0], step):
-        sub = ids[lo:lo + step].to(device)
-        logits = trunk.logits(sub, hidden[lo:lo + step])[:, :-1].float()
-        yield torch.log_softmax(logits, -1), sub[:, 1:]
+    for lo in range(0, ids.shape[0], rows):
+        sub, h = ids[lo:lo + rows].to(device), hidden[lo:lo + rows]
+        for p in range(0, length, span):
+            logits = trunk.logits(sub, h, slice(p, min(p + span, length))).float()
+            yield torch.log_softmax(logits, -1), sub[:, p + 1:min(p + span, length) + 1]
 
 
 def _score(trunk: Trunk, stream: Stream, other: Stream | None, fidelity: bool

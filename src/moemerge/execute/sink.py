@@ -1,9 +1,9 @@
 """Writing a checkpoint as layers finish, and proving it reloads, without a second copy of the model.
 
 :class:`ShardSink` takes each finished decoder layer (and the trunk at the end), names its tensors as
-``save_pretrained`` would (per-expert hub names, through transformers' own conversion table), and appends them to the
-current output shard; a shard is written as soon as it would pass ``max_shard_bytes`` (5 GB by default), so memory
-holds at most one shard's worth of tensors. Everything goes into a hidden temporary folder beside the output, with a
+``save_pretrained`` would (per-expert hub names, through transformers' own conversion table), and writes it to disk at
+once as a part file, so memory never holds more than the layer at hand; at the end consecutive parts are joined, byte
+for byte, into shards of at most ``max_shard_bytes`` (5 GB by default) with the usual index. Everything goes into a hidden temporary folder beside the output, with a
 lock file naming the process; :meth:`ShardSink.commit` renames it into place only after :func:`verify` has read the
 whole checkpoint back, layer by layer: strict key and shape loading of every tensor into the output config's model
 (zero missing, unexpected or mismatched keys), and each layer read back reproducing the merged layer's output on the
@@ -27,7 +27,7 @@ from torch import nn
 from ..errors import MoemergeError
 from .weights import INDEX_FILE, KeyConverter
 
-DEFAULT_SHARD_BYTES = 5 * 10**9
+DEFAULT_SHARD_BYTES = 5 * 10**9  # the largest output shard, as save_pretrained's max_shard_size="5GB"
 LOCK_FILE = ".moemerge-lock"
 
 
@@ -54,7 +54,9 @@ def clear_stale(out: Path) -> None:
 
 
 class ShardSink:
-    """An output checkpoint folder written tensor group by tensor group."""
+    """An output checkpoint folder written part by part: each :meth:`add` (a decoder layer, the trunk) goes to disk
+    at once as a part file, so memory never holds more than the piece being added; :meth:`close_shards` then joins
+    consecutive parts into shards of at most ``max_shard_bytes`` by copying their bytes (no tensor is loaded)."""
 
     def __init__(self, out: Path, converter: KeyConverter, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
         self.out = Path(out)
@@ -67,24 +69,36 @@ class ShardSink:
         self.tmp = self.out.parent / f".{self.out.name}.tmp-{uuid.uuid4().hex[:8]}"
         self.tmp.mkdir()
         (self.tmp / LOCK_FILE).write_text(f"{os.getpid()}\n")
-        self._pending: dict[str, torch.Tensor] = {}
-        self._pending_bytes = 0
-        self._files: list[str] = []
+        self._parts: list[tuple[str, int]] = []  # (file name, data bytes)
         self.weight_map: dict[str, str] = {}
         self.total_bytes = 0
 
     # ---- tensors -----------------------------------------------------------------------------------------------
     def add(self, tensors: dict[str, torch.Tensor]) -> None:
-        """In-memory tensors (full model keys) → hub names → the current shard."""
+        """In-memory tensors (full model keys) → hub names → part files on disk (several if they exceed the shard
+        size; a single tensor larger than it gets a part of its own, as in ``save_pretrained``)."""
+        part: dict[str, torch.Tensor] = {}
+        size = 0
         for key, tensor in self.converter.to_hub(tensors).items():
-            if key in self.weight_map or key in self._pending:
+            if key in self.weight_map or key in part:
                 raise MoemergeError(f"tensor {key} written twice")
             t = tensor.detach().to("cpu").contiguous()
-            size = t.numel() * t.element_size()
-            if self._pending and self._pending_bytes + size > self.max_shard_bytes:
-                self._flush()
-            self._pending[key] = t
-            self._pending_bytes += size
+            nbytes = t.numel() * t.element_size()
+            if part and size + nbytes > self.max_shard_bytes:
+                self._write_part(part, size)
+                part, size = {}, 0
+            part[key] = t
+            size += nbytes
+        if part:
+            self._write_part(part, size)
+
+    def _write_part(self, tensors: dict[str, torch.Tensor], size: int) -> None:
+        name = f"part-{len(self._parts):05d}.safetensors"
+        _write(lambda: save_file(tensors, str(self.tmp / name), metadata={"format": "pt"}), name, self)
+        for key in tensors:
+            self.weight_map[key] = name
+        self._parts.append((name, size))
+        self.total_bytes += size
 
     def add_layer(self, index: int, layer: nn.Module) -> None:
         prefix = f"{_layers_prefix(self.converter.model)}.{index}."
@@ -102,34 +116,30 @@ class ShardSink:
             tensors[key] = t.data if isinstance(t, nn.Parameter) else t
         self.add(tensors)
 
-    def _flush(self) -> None:
-        if not self._pending:
-            return
-        name = f"model-{len(self._files) + 1:05d}.safetensors"
-        try:
-            save_file(self._pending, str(self.tmp / name), metadata={"format": "pt"})
-        except OSError as exc:
-            if exc.errno == errno.ENOSPC:
-                raise MoemergeError(f"the disk holding {self.out.parent} is full while writing {name} "
-                                    f"({self.total_bytes / 2**30:.1f} GiB written); free space and run again") \
-                    from None
-            raise MoemergeError(f"cannot write {name}: {exc}") from None
-        for key in self._pending:
-            self.weight_map[key] = name
-        self._files.append(name)
-        self.total_bytes += self._pending_bytes
-        self._pending, self._pending_bytes = {}, 0
-
     def close_shards(self) -> None:
-        """Write the last shard, give the shards their final names and write the index."""
-        self._flush()
-        n = len(self._files)
-        final = {name: ("model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors")
-                 for i, name in enumerate(self._files)}
-        for old, new in final.items():
-            os.replace(self.tmp / old, self.tmp / new)
+        """Join consecutive parts into shards of at most ``max_shard_bytes``, give them their final names and write
+        the index (a single shard is ``model.safetensors``, as ``save_pretrained`` writes it)."""
+        groups: list[list[str]] = []
+        size = 0
+        for name, nbytes in self._parts:
+            if not groups or size + nbytes > self.max_shard_bytes:
+                groups.append([])
+                size = 0
+            groups[-1].append(name)
+            size += nbytes
+        n = len(groups)
+        final: dict[str, str] = {}
+        for i, group in enumerate(groups):
+            target = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            if len(group) == 1:
+                os.replace(self.tmp / group[0], self.tmp / target)
+            else:
+                _write(lambda g=group, t=target: join_safetensors([self.tmp / p for p in g], self.tmp / t), target,
+                       self)
+                for part in group:
+                    (self.tmp / part).unlink()
+            final.update(dict.fromkeys(group, target))
         self.weight_map = {k: final[v] for k, v in self.weight_map.items()}
-        self._files = list(final.values())
         if n > 1:
             index = {"metadata": {"total_size": self.total_bytes},
                      "weight_map": dict(sorted(self.weight_map.items()))}
@@ -137,7 +147,7 @@ class ShardSink:
 
     # ---- the folder ----------------------------------------------------------------------------------------------
     def write_text(self, name: str, text: str) -> None:
-        (self.tmp / name).write_text(text)
+        _write(lambda: (self.tmp / name).write_text(text), name, self)
 
     def commit(self, overwrite: bool) -> Path:
         (self.tmp / LOCK_FILE).unlink(missing_ok=True)
@@ -150,6 +160,50 @@ class ShardSink:
 
     def abort(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _write(action, name: str, sink: ShardSink) -> None:
+    """Run a write, turning a full disk (or any OS error) into one line naming the file."""
+    try:
+        action()
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise MoemergeError(f"the disk holding {sink.out.parent} is full while writing {name} "
+                                f"({sink.total_bytes / 2**30:.1f} GiB written); free space and run again") from None
+        raise MoemergeError(f"cannot write {name}: {exc}") from None
+
+
+def join_safetensors(parts: list[Path], target: Path, chunk: int = 64 * 2**20) -> None:
+    """Concatenate safetensors files into one by copying their data bytes (offsets shifted, one header)."""
+    headers, starts, offset = [], [], 0
+    for part in parts:
+        with open(part, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n))
+        header.pop("__metadata__", None)
+        size = max((v["data_offsets"][1] for v in header.values()), default=0)
+        headers.append((n, header, size))
+        starts.append(offset)
+        offset += size
+    merged: dict = {"__metadata__": {"format": "pt"}}
+    for (_, header, _), start in zip(headers, starts):
+        for key, v in header.items():
+            merged[key] = {**v, "data_offsets": [v["data_offsets"][0] + start, v["data_offsets"][1] + start]}
+    text = json.dumps(merged, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # safetensors pads its header to a multiple of 8 bytes
+    with open(target, "wb") as out:
+        out.write(len(text).to_bytes(8, "little"))
+        out.write(text)
+        for part, (n, _, size) in zip(parts, headers):
+            with open(part, "rb") as fh:
+                fh.seek(8 + n)
+                left = size
+                while left > 0:
+                    block = fh.read(min(chunk, left))
+                    if not block:
+                        raise OSError(f"{part} ended early")
+                    out.write(block)
+                    left -= len(block)
 
 
 def _layers_prefix(model: nn.Module) -> str:

@@ -192,10 +192,36 @@ class ShardSource(LayerSource):
 
     def release(self, index: int) -> None:
         _to_meta(self.layers[index])
+        _return_freed_memory()
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._pending.clear()
+
+
+def _return_freed_memory() -> None:
+    """Hand the freed layer's memory back to the operating system. glibc keeps freed blocks below its (dynamically
+    raised) mmap threshold in its heap, fragmented, so without this the resident size grows by about one layer per
+    layer streamed (measured: 0.6 → 1.2 GB over 32 layers of 33 MB)."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc():
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+_LIBC = _load_libc()
 
 
 def _config_dtype(config) -> torch.dtype:

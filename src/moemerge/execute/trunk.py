@@ -84,9 +84,11 @@ class Trunk:
         return first[0], calls
 
     @torch.no_grad()
-    def logits(self, input_ids: torch.Tensor, final_hidden: torch.Tensor) -> torch.Tensor:
+    def logits(self, input_ids: torch.Tensor, final_hidden: torch.Tensor, positions: slice | None = None
+               ) -> torch.Tensor:
         """Logits ``[B, S, V]`` that the model gives for ``input_ids`` when its last decoder layer outputs
-        ``final_hidden``."""
+        ``final_hidden`` (only at ``positions``, when given: the LM head of a large vocabulary over long windows
+        would not fit at once)."""
         last = len(self.layers) - 1
 
         def make(i: int) -> Callable:
@@ -94,8 +96,9 @@ class Trunk:
                 return final_hidden if i == last else hidden_states
             return stub
 
+        kwargs = {} if positions is None else {"logits_to_keep": positions}
         with _stubbed(self.layers, make):
-            return self.model(input_ids=input_ids, use_cache=False).logits
+            return self.model(input_ids=input_ids, use_cache=False, **kwargs).logits
 
 
 def run_layer(layer: nn.Module, hidden: torch.Tensor, call: LayerCall) -> torch.Tensor:

@@ -16,12 +16,61 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from ..errors import MoemergeError
 
 INDEX_FILE = "model.safetensors.index.json"
+
+
+#: safetensors dtype names -> torch dtypes
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+class Shard:
+    """One safetensors file: its header, and tensors read with plain file reads.
+
+    Reading into a fresh buffer (rather than through a memory map, as ``safe_open`` does) keeps the shard's pages out
+    of the process's resident memory: a streamed pass touches every byte of the checkpoint once, and mapped pages
+    would count as ours until the file is closed.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        try:
+            with open(self.path, "rb") as fh:
+                raw = fh.read(8)
+                if len(raw) < 8:
+                    raise ValueError("shorter than a safetensors header")
+                self.header_len = int.from_bytes(raw, "little")
+                if self.header_len > 100 * 2**20:
+                    raise ValueError("header length is implausible")
+                header = json.loads(fh.read(self.header_len))
+        except (OSError, ValueError) as exc:
+            raise MoemergeError(f"shard {self.path.name} is truncated or corrupt ({exc}); download or copy it "
+                                f"again") from None
+        header.pop("__metadata__", None)
+        self.entries: dict[str, dict] = header
+        end = max((v["data_offsets"][1] for v in header.values()), default=0)
+        size = self.path.stat().st_size
+        if size < 8 + self.header_len + end:
+            raise MoemergeError(f"shard {self.path.name} is truncated ({size} bytes, its header needs "
+                                f"{8 + self.header_len + end}); download or copy it again")
+
+    def read(self, key: str) -> torch.Tensor:
+        entry = self.entries[key]
+        dtype = DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise MoemergeError(f"{self.path.name}: {key} has dtype {entry['dtype']}, which moemerge cannot read")
+        start, end = entry["data_offsets"]
+        out = torch.empty(end - start, dtype=torch.uint8)
+        with open(self.path, "rb") as fh:
+            fh.seek(8 + self.header_len + start)
+            if fh.readinto(memoryview(out.numpy())) != end - start:
+                raise MoemergeError(f"shard {self.path.name} is truncated (reading {key}); copy it again")
+        return out.view(dtype).reshape(entry["shape"])
 
 
 class CheckpointIndex:
@@ -45,54 +94,27 @@ class CheckpointIndex:
             weight_map = {}
         if not files:
             raise MoemergeError(f"{self.folder} holds no *.safetensors weights (moemerge reads safetensors only)")
-        self._handles: dict[str, object] = {}
+        self.shards: dict[str, Shard] = {}
         self.location: dict[str, str] = {}
         for name in files:
             path = self.folder / name
             if not path.is_file():
                 raise MoemergeError(f"shard {name} listed in {INDEX_FILE} is missing from {self.folder}")
-            for key in self._open(name).keys():
+            self.shards[name] = Shard(path)
+            for key in self.shards[name].entries:
                 self.location.setdefault(key, name)
         for key, name in weight_map.items():
             if self.location.get(key) != name:
                 raise MoemergeError(f"{INDEX_FILE} places {key} in {name}, which does not hold it")
 
-    def _open(self, name: str):
-        handle = self._handles.get(name)
-        if handle is None:
-            path = self.folder / name
-            try:
-                handle = safe_open(str(path), framework="pt")
-                _check_size(path)
-            except (SafetensorError, OSError, ValueError) as exc:
-                raise MoemergeError(f"shard {name} is truncated or corrupt ({str(exc).splitlines()[0]}); "
-                                    f"download or copy it again") from None
-            self._handles[name] = handle
-        return handle
-
     def keys(self) -> list[str]:
         return list(self.location)
 
     def get(self, key: str) -> torch.Tensor:
-        name = self.location[key]
-        try:
-            return self._open(name).get_tensor(key)
-        except (SafetensorError, OSError) as exc:
-            raise MoemergeError(f"cannot read {key} from shard {name}: {str(exc).splitlines()[0]}") from None
+        return self.shards[self.location[key]].read(key)
 
     def nbytes(self) -> int:
-        return sum((self.folder / n).stat().st_size for n in set(self.location.values()))
-
-
-def _check_size(path: Path) -> None:
-    """A shard must be as long as its header says: safetensors maps the file lazily and would fail only on read."""
-    with open(path, "rb") as fh:
-        header_len = int.from_bytes(fh.read(8), "little")
-        header = json.loads(fh.read(header_len))
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    size = path.stat().st_size
-    if size < 8 + header_len + end:
-        raise ValueError(f"file has {size} bytes, its header needs {8 + header_len + end}")
+        return sum(s.path.stat().st_size for s in self.shards.values())
 
 
 class KeyConverter:
