@@ -24,7 +24,7 @@ def test_held_out_windows_are_disjoint_from_calibration(model_dirs, text_file):
 
     loaded = load_model(str(model_dirs["mixtral"]), "float32", "cpu")
     base = moemerge.Recipe.build(calibration=str(text_file), seq_len=32, n_sentences=8, num_average_groups=4)
-    n_cal, held = held_out_windows(loaded, base)
+    n_cal, held = held_out_windows(loaded.tokenizer, loaded.model.config, base)
     settings = calibration_settings(base.model_copy(update={"n_sentences": n_cal}), loaded.model.config)
     calib, _ = calibration_windows(loaded.tokenizer, settings)
     assert n_cal == 6 and held.shape == (2, 32)

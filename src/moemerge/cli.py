@@ -292,13 +292,11 @@ def recommend(model: str, groups: int, output: str, candidates: str | None, quie
     """Try candidate recipes on held-out calibration text, print the table and write the best as a recipe."""
     _setup_logging(False)
     try:
-        from .loading import load_model
         from .recommend import print_trials, recommend as run_recommend, write_recipe
 
         base = Recipe.build(_given(options), model_path=model, num_average_groups=groups)
-        loaded = load_model(model, base.dtype, base.device)
         names = [c.strip() for c in candidates.split(",")] if candidates else None
-        trials, winner = run_recommend(loaded, base, names, progress=not quiet)
+        trials, winner = run_recommend(model, base, names, progress=not quiet)
         print_trials(trials, winner)
         write_recipe(winner, Path(output))
         click.echo(f"wrote {output}; run it with: moemerge merge --recipe {output}")

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from .group import CLUSTER, GROUPING, LINKAGE, SIMILARITY
 from .group.prune import PRUNE
-from .merge import MERGE
+from .group.options import check_combinations
+from .merge import MERGE, check_options
 from .registry import Registry
 from .save import FORMATS, ROUTER_ADAPT
 
@@ -21,6 +22,12 @@ REGISTRIES: dict[str, Registry] = {
     "router_adapt": ROUTER_ADAPT,
     "prune": PRUNE,
 }
+
+def check_recipe(recipe) -> None:
+    """Every rule on option combinations, grouping's and merging's (``ValueError``, one line)."""
+    check_options(recipe)
+    check_combinations(recipe)
+
 
 # Named recipes: option values on top of the Recipe defaults. ``--recipe NAME`` loads one.
 PRESETS: Registry[dict] = Registry("recipe")

@@ -135,7 +135,8 @@ def validate_for_model(recipe: Recipe, source: LayerSource) -> None:
 
 
 # ---- the executor's inputs -----------------------------------------------------------------------------------------
-def _job(recipe: Recipe, tokenizer, config, fp: str, progress: bool) -> Job:
+def job_for(recipe: Recipe, tokenizer, config, fp: str, progress: bool) -> Job:
+    """The executor's inputs for ``recipe``: calibration windows, their provenance and cache."""
     settings = calibration_settings(recipe, config)
     job = Job(progress=progress, eval_batch_size=recipe.eval_batch_size, fidelity=recipe.fidelity)
     if recipe.merge != "no" and recipe.num_average_groups is not None:
@@ -152,7 +153,7 @@ def merge_model(loaded: LoadedModel, recipe: Recipe, progress: bool = True) -> M
     """Merge ``loaded.model`` in place according to ``recipe`` and return what happened (no files written)."""
     source = ModelSource(loaded.model)
     validate_for_model(recipe, source)
-    job = _job(recipe, loaded.tokenizer, loaded.model.config, loaded.fingerprint, progress)
+    job = job_for(recipe, loaded.tokenizer, loaded.model.config, loaded.fingerprint, progress)
     outcome = execute(source, recipe, job)
     if outcome.plan is not None:
         set_expert_count(loaded.model.config, source.family, outcome.plan, recipe.router)
@@ -274,7 +275,7 @@ def _run(recipe: Recipe, source: LayerSource, tokenizer, name: str, local_dir: P
     tasks = resolve_tasks(recipe.task) if recipe.task else None  # local task files are checked before any work
     pad_id = getattr(tokenizer, "pad_token_id", None)
     dtype = next((p.dtype for p in source.model.parameters() if p.is_floating_point()), torch.float32)
-    job = _job(recipe, tokenizer, source.config, fp, progress)
+    job = job_for(recipe, tokenizer, source.config, fp, progress)
     job.eval_windows = {t.name: t.windows for t in texts}
     small = local_dir is None or _folder_bytes(local_dir) <= GENERATION_MAX_BYTES
     timings = {"load": load_s}

@@ -150,9 +150,9 @@ class Recipe(BaseModel):
             raise ValueError(f"router_fit refits collapsed router rows; it needs router=collapse (got {self.router!r})")
         if self.random_start_center and self.cluster != "kmeans":
             raise ValueError("random_start_center only applies to cluster=kmeans")
-        from .group.options import check_combinations  # grouping/merging option rules (HC-SMoE options)
+        from .methods import check_recipe  # the rules live with the methods; methods imports every registry
 
-        check_combinations(self)
+        check_recipe(self)
         return self
 
     def explicit(self) -> set[str]:

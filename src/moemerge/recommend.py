@@ -1,12 +1,12 @@
 """``moemerge recommend``: try candidate recipes on held-out calibration text and write the best as a recipe file.
 
-From one calibration (the candidates share its cached statistics), each candidate recipe merges a fresh copy of the
-original model (``copy.deepcopy``: memory = two copies of the model at a time, fine for small models; for large ones
-run ``moemerge merge`` per recipe instead) and is scored **once** on a held-out slice of the calibration text: the
-windows the calibration sampler would draw after the calibration ones (same text, same seed, never used to
-calibrate). With ``n_sentences = N`` the candidates calibrate on the first ``N − ⌈N/4⌉`` windows and are scored on
-the other ``⌈N/4⌉`` (75 % / 25 %). One forward pass per candidate gives both its perplexity and its KL to the
-original (whose log-probs on the held-out windows are kept once: ``windows × seq_len × vocab`` fp32).
+From one calibration (the candidates share its cached statistics), each candidate recipe is one walk of the layer
+executor over the checkpoint, streamed one decoder layer at a time like ``moemerge merge`` (nothing is written, and no
+copy of the model is made: memory is one layer, whatever the model's size), scored on a held-out slice of the
+calibration text: the windows the calibration sampler would draw after the calibration ones (same text, same seed,
+never used to calibrate). With ``n_sentences = N`` the candidates calibrate on the first ``N − ⌈N/4⌉`` windows and
+are scored on the other ``⌈N/4⌉`` (75 % / 25 %). The held-out windows go through the original and the merged layer
+side by side, which gives the candidate's perplexity and its KL to the original in the same walk.
 
 The winner (lowest held-out perplexity) is written with :meth:`Recipe.to_yaml` — the candidate's options on top of
 the given model and calibration options, with the full ``n_sentences`` — so ``moemerge merge --recipe FILE`` runs it.
@@ -14,7 +14,6 @@ the given model and calibration options, with the full ``n_sentences`` — so ``
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from dataclasses import dataclass
@@ -23,7 +22,6 @@ from pathlib import Path
 import torch
 
 from .errors import MoemergeError
-from .loading import LoadedModel
 from .recipe import Recipe
 
 #: candidate name -> options on top of the base recipe; entries whose methods are not registered are skipped.
@@ -91,7 +89,7 @@ def available_candidates(names: list[str] | None = None) -> dict[str, dict]:
     return out
 
 
-def held_out_windows(loaded: LoadedModel, base: Recipe) -> tuple[int, torch.Tensor]:
+def held_out_windows(tokenizer, config, base: Recipe) -> tuple[int, torch.Tensor]:
     """``(calibration windows, held-out windows [M, S])``: the sampler's first ``N − ⌈N/4⌉`` windows calibrate,
     the next ``⌈N/4⌉`` (disjoint, same text and seed) are held out. Needs ``N ≥ 2``."""
     from .calibrate import calibration_windows
@@ -101,52 +99,29 @@ def held_out_windows(loaded: LoadedModel, base: Recipe) -> tuple[int, torch.Tens
     held = math.ceil(n / 4)
     if n < 2:
         raise MoemergeError("recommend needs n_sentences >= 2 (a quarter of them is held out)")
-    settings = calibration_settings(base, loaded.model.config)
-    every, _ = calibration_windows(loaded.tokenizer, settings)  # the sampler's windows for N, a superset of those for N - held
+    settings = calibration_settings(base, config)
+    every, _ = calibration_windows(tokenizer, settings)  # the sampler's windows for N, a superset of those for N - held
     settings.n_sentences = n - held
-    calib, _ = calibration_windows(loaded.tokenizer, settings)
+    calib, _ = calibration_windows(tokenizer, settings)
     rows = {tuple(w.tolist()) for w in calib}
     out = torch.stack([w for w in every if tuple(w.tolist()) not in rows][:held]) if len(every) > len(calib) \
         else every[-held:]
     return n - held, out
 
 
-@torch.no_grad()
-def score(model, windows: torch.Tensor, ref_logprobs: torch.Tensor | None, batch_size: int = 8
-          ) -> tuple[float, float, float, torch.Tensor | None]:
-    """One pass over ``windows``: (perplexity, KL(original ‖ model), top-1 agreement, log-probs if no ref)."""
-    from .evaluate.fidelity import kl_and_agreement
-
-    device = next(model.parameters()).device
-    nll, count, kls, tops, keep = 0.0, 0, [], [], []
-    for s in range(0, len(windows), batch_size):
-        ids = windows[s:s + batch_size].to(device)
-        logp = torch.log_softmax(model(input_ids=ids, use_cache=False).logits[:, :-1].float(), -1).cpu()
-        target = ids[:, 1:].cpu()
-        nll -= logp.gather(-1, target[..., None]).sum().item()
-        count += target.numel()
-        if ref_logprobs is None:
-            keep.append(logp)
-        else:
-            kl, top1 = kl_and_agreement(ref_logprobs[s:s + batch_size], logp)
-            kls.append(kl * target.numel())
-            tops.append(top1 * target.numel())
-    ppl = math.exp(nll / count)
-    if ref_logprobs is None:
-        return ppl, 0.0, 1.0, torch.cat(keep)
-    return ppl, sum(kls) / count, sum(tops) / count, None
-
-
-def recommend(loaded: LoadedModel, base: Recipe, names: list[str] | None = None, progress: bool = False,
-              batch_size: int = 8) -> tuple[list[Trial], Trial]:
+def recommend(model_path: str, base: Recipe, names: list[str] | None = None, progress: bool = False
+              ) -> tuple[list[Trial], Trial]:
     """Score every available candidate on the held-out windows; returns the trials and the winner."""
-    from .pipeline import merge_model
-    from .save import count_parameters
+    from .execute.executor import execute
+    from .execute.source import ShardSource
+    from .loading import open_checkpoint, resolve_device, resolve_dtype
+    from .pipeline import job_for, validate_for_model
 
     if base.num_average_groups is None:
         raise MoemergeError("recommend needs --num-average-groups")
-    n_cal, held = held_out_windows(loaded, base)
-    ppl0, _, _, ref = score(loaded.model, held, None, batch_size)
+    ckpt = open_checkpoint(model_path)
+    n_cal, held = held_out_windows(ckpt.tokenizer, ckpt.config, base)
+    dtype = resolve_dtype(base.dtype)
     trials = []
     for name, opts in available_candidates(names).items():
         try:
@@ -156,16 +131,21 @@ def recommend(loaded: LoadedModel, base: Recipe, names: list[str] | None = None,
             trials.append(Trial(name, None, error=str(exc)))
             continue
         t0 = time.perf_counter()
+        source = ShardSource(ckpt.folder, dtype=None if dtype == "auto" else dtype,
+                             device=resolve_device(base.device), config=ckpt.config)
         try:
-            model = copy.deepcopy(loaded.model)
-            merge_model(LoadedModel(model, loaded.tokenizer, loaded.source, loaded.local_dir, loaded.fingerprint),
-                        trial_recipe, progress)
-            seconds = time.perf_counter() - t0
-            ppl, kl, top1, _ = score(model, held, ref, batch_size)
-            trials.append(Trial(name, recipe, ppl, ppl / ppl0, kl, top1, count_parameters(model), seconds))
-            del model
+            validate_for_model(trial_recipe, source)
+            job = job_for(trial_recipe, ckpt.tokenizer, ckpt.config, ckpt.fingerprint, progress)
+            job.eval_windows, job.fidelity = {"held-out": held}, True
+            outcome = execute(source, trial_recipe, job)
+            ppl0, ppl = outcome.ppl_before["held-out"], outcome.ppl_after["held-out"]
+            fid = outcome.fidelity or {}
+            trials.append(Trial(name, recipe, ppl, ppl / ppl0, fid.get("kl", math.nan), fid.get("top1", math.nan),
+                                outcome.parameters_after, time.perf_counter() - t0))
         except MoemergeError as exc:
             trials.append(Trial(name, recipe, error=str(exc), seconds=time.perf_counter() - t0))
+        finally:
+            source.close()
     ok = [t for t in trials if t.error is None and math.isfinite(t.ppl)]
     if not ok:
         raise MoemergeError("no candidate recipe could be merged: " + "; ".join(f"{t.name}: {t.error}"

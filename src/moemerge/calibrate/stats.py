@@ -15,7 +15,7 @@ from typing import ClassVar
 
 import torch
 
-from ..families import MoeLayer
+from ..families import MoeLayer, expert_intermediate
 from ..registry import Registry
 
 
@@ -188,8 +188,6 @@ class IntermediateCovariance(Statistic):
     double the peak memory), sums across batches in fp64. Memory: E·I²·8 bytes per layer (Qwen1.5-MoE: 0.95 GB)."""
 
     def update(self, batch: LayerBatch) -> None:
-        from ..families import expert_intermediate
-
         gate_up, _ = batch.layer.expert_weights()
         inter = expert_intermediate(batch.hidden.float(), gate_up.float(), batch.layer.experts.act_fn)  # [E, T, I]
         inter = inter * batch.routed_mask().unsqueeze(-1)

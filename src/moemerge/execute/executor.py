@@ -44,7 +44,8 @@ from ..group.plan import LayerPlan, MergePlan
 from ..merge import MERGE, LayerPass, merge_layer
 from ..recipe import Recipe
 from ..save import FORMATS, check_plan, router_adapt_for, router_statistics
-from .source import LayerSource
+from ..save.router_refit import RoutedOutputSample, refit_layer
+from .source import LayerSource, ModelSource
 from .trunk import LayerCall, Trunk, run_layer
 
 LOG = logging.getLogger(__name__)
@@ -392,8 +393,6 @@ class _Walk:
             return False
         sample = None
         if recipe.router_fit:
-            from ..save.router_refit import RoutedOutputSample
-
             sample = RoutedOutputSample(view)
             run([sample], until=sample.full)
         # What the original layer gives: carried on by the calibration stream (not sequential) and the originals'
@@ -414,8 +413,6 @@ class _Walk:
             extra = {"num_slots": self._num_slots()} if fmt.padded else {}
             fmt.apply(view, layer_plan, merged, self.frequencies[i], self.adapt, inputs=inputs, **extra)
             if sample is not None and sample.count:
-                from ..save.router_refit import refit_layer
-
                 self.router_fit[i] = refit_layer(view, sample.result(), self.top_k,
                                                  self.spec.renormalizes(self.config))
         return True
@@ -497,8 +494,6 @@ def layer_passes(model: nn.Module, recipe: Recipe, plan: MergePlan, stats: Stats
                  batch_size: int = 1) -> Stats:
     """The merge method's plan-aware passes for a fixed ``plan`` on a model in memory, without merging: ``stats``
     plus the method's entries (``fit``, ``group_assign``) per layer (for tests and experiments)."""
-    from .source import ModelSource
-
     recipe = recipe.model_copy(update={"train_batch_size": batch_size, "cache": False})
     job = Job(windows=windows, plan=plan, stats=stats, passes_only=True, progress=False)
     return execute(ModelSource(model), recipe, job).stats

@@ -25,6 +25,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import MoemergeError
+from .source import ShardSource, layers_prefix as _layers_prefix
+from .trunk import Trunk, run_layer
 from .weights import INDEX_FILE, KeyConverter
 
 DEFAULT_SHARD_BYTES = 5 * 10**9  # the largest output shard, as save_pretrained's max_shard_size="5GB"
@@ -151,6 +153,12 @@ class ShardSink:
 
     def commit(self, overwrite: bool) -> Path:
         (self.tmp / LOCK_FILE).unlink(missing_ok=True)
+        umask = os.umask(0)
+        os.umask(umask)
+        for f in self.tmp.iterdir():  # safetensors creates its files 0600; give every file the usual mode
+            if f.is_file():
+                f.chmod(0o666 & ~umask)
+        self.tmp.chmod(0o777 & ~umask)
         if self.out.exists():
             if not overwrite:
                 raise MoemergeError(f"output folder {self.out} appeared during the run; pass --overwrite to replace it")
@@ -206,19 +214,10 @@ def join_safetensors(parts: list[Path], target: Path, chunk: int = 64 * 2**20) -
                     left -= len(block)
 
 
-def _layers_prefix(model: nn.Module) -> str:
-    from .source import _layers_prefix as prefix
-
-    return prefix(model)
-
-
 def verify(folder: Path, probe: dict, dtype: torch.dtype, device: torch.device, config=None) -> float:
     """Read the written checkpoint back one layer at a time and check it against the probe recorded while merging:
     strict loading of every tensor (keys and shapes against the output config's model), each layer's output on its
     recorded input, and the final logits. Returns the largest logit difference; raises on any mismatch."""
-    from .source import ShardSource
-    from .trunk import Trunk, run_layer
-
     source = ShardSource(folder, dtype=dtype, device=device, config=config)
     try:
         trunk = Trunk(source.model)

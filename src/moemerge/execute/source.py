@@ -126,7 +126,7 @@ class ShardSource(LayerSource):
         self.model = meta_skeleton(config, dtype)
         self._dtype_plan = self.model._get_dtype_plan(dtype)
         self.converter = KeyConverter(self.model)
-        self._prefix = _layers_prefix(self.model)
+        self._prefix = layers_prefix(self.model)
         self._layer_keys: dict[int, list[str]] = {}
         trunk_keys = []
         for key in self.index.keys():
@@ -231,7 +231,7 @@ def _config_dtype(config) -> torch.dtype:
     return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(str(value), torch.float32)
 
 
-def _layers_prefix(model: nn.Module) -> str:
+def layers_prefix(model: nn.Module) -> str:
     layers = decoder_layers(model)
     for name, module in model.named_modules():
         if module is layers:

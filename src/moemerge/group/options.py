@@ -21,7 +21,6 @@ from .overlap import OVERLAP_STATISTIC
 from .plan import LayerPlan
 from .prune import PRUNE, prune_plan
 
-NEURON_MERGES = ("zipit", "fix-dom-same")
 STOPPING_METRICS = ("distance",)
 
 
@@ -89,34 +88,10 @@ def extra_statistics(recipe) -> list[str]:
 
 
 def check_combinations(recipe) -> None:
-    """Raise ``ValueError`` (one line, naming the valid choices) for options that do not apply together."""
+    """Raise ``ValueError`` (one line, naming the valid choices) for grouping options that do not apply together
+    (the merge methods check their own ``mode``, ``ingredient`` and ``data_limit``: ``merge.check_options``)."""
     given = recipe.explicit()
-    merge, mode = recipe.merge, recipe.mode
-    if merge in NEURON_MERGES:
-        from ..merge.zipit import MODES
-
-        if mode not in MODES:
-            raise ValueError(f"mode {mode!r} is not a mode of merge={merge}; valid choices: {', '.join(MODES)}")
-    elif merge == "weighted":
-        if mode != "normal":  # normal = 1,1 (plain average)
-            from ..errors import MoemergeError
-            from ..merge.weighted import parse_weighted_mode
-
-            try:
-                parse_weighted_mode(mode)
-            except MoemergeError as exc:
-                raise ValueError(str(exc)) from None
-    elif merge == "fit":  # mode names the single-pass merge that fit starts from (merge/fit.py)
-        from ..merge.fit import start_methods
-
-        if mode != "normal" and mode not in start_methods():
-            raise ValueError(f"mode {mode!r} is not a start for merge=fit; valid choices: normal, "
-                             f"{', '.join(start_methods())}")
-    elif "mode" in given and mode != "normal":
-        raise ValueError(f"mode only applies to merge=zipit, fix-dom-same, weighted or fit (merge is {merge!r})")
-    for name in ("ingredient", "data_limit"):
-        if name in given and getattr(recipe, name) is not None and merge not in NEURON_MERGES:
-            raise ValueError(f"{name} only applies to merge=zipit or fix-dom-same (merge is {merge!r})")
+    merge = recipe.merge
     if recipe.prune != "no":
         if merge not in ("freq", "no"):
             raise ValueError(f"prune={recipe.prune} drops experts and merges nothing; merge must be freq or no "

@@ -73,6 +73,9 @@ class MergeMethod:
     # calibration: the executor calls this once the layer's plan is known, with the layer built and ``ctx.run``
     # pushing the layer's calibration inputs through it with the method's own accumulators hooked in.
     layer_pass: Callable[["LayerPass"], dict[str, Any]] | None = None
+    # ``check_mode(mode)`` raises ValueError for a mode the method does not have (None: the method has no modes).
+    check_mode: Callable[[str], None] | None = None
+    neuron_matching: bool = False  # takes ``ingredient`` and ``data_limit``
 
     def statistics(self, recipe: Any = None) -> tuple[str, ...]:
         """``needs`` plus what ``needs_for(recipe)`` adds (e.g. covariances only when whitening)."""
@@ -95,6 +98,23 @@ class LayerPass:
 
 
 MERGE: Registry[MergeMethod] = Registry("merge")
+
+
+def check_options(recipe: Any) -> None:
+    """Raise ``ValueError`` (one line, naming the valid choices) for merge options the recipe's method does not take:
+    ``mode`` (each method checks its own), ``ingredient`` and ``data_limit`` (neuron-matching methods only)."""
+    merge = recipe.merge
+    method = MERGE.get(merge)
+    given = recipe.explicit()
+    if method.check_mode is not None:
+        method.check_mode(recipe.mode)
+    elif "mode" in given:
+        with_modes = ", ".join(m for m in MERGE if MERGE.get(m).check_mode is not None)
+        raise ValueError(f"mode only applies to merge={with_modes} (merge is {merge!r})")
+    matching = [m for m in MERGE if MERGE.get(m).neuron_matching]
+    for name in ("ingredient", "data_limit"):
+        if name in given and getattr(recipe, name) is not None and not method.neuron_matching:
+            raise ValueError(f"{name} only applies to merge={' or '.join(matching)} (merge is {merge!r})")
 
 
 def frequency_weights(frequency: torch.Tensor) -> torch.Tensor:

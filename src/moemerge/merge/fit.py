@@ -165,7 +165,14 @@ def fit_pass(ctx: LayerPass) -> dict:
     return {"fit": acc.result()}
 
 
+def _check_start(mode: str) -> None:
+    """``mode`` names the single-pass merge that fit starts from."""
+    if mode != "normal" and mode not in start_methods():
+        raise ValueError(f"mode {mode!r} is not a start for merge=fit; valid choices: normal, "
+                         f"{', '.join(start_methods())}")
+
+
 MERGE.add("fit", MergeMethod(
     fit_merge, description="output-fitted merge (MergeMoE): starting average, least-squares down projection on "
                            "the group's routed output; one extra pass per layer",
-    layer_pass=fit_pass))
+    layer_pass=fit_pass, check_mode=_check_start))

@@ -47,8 +47,18 @@ def aligned_freq_merge(inputs: GroupInputs) -> tuple[torch.Tensor, torch.Tensor]
     return weighted_average(aligned, frequency_weights(inputs.frequency))
 
 
+def _check_weighted_mode(mode: str) -> None:
+    if mode == "normal":  # normal = 1,1 (plain average)
+        return
+    try:
+        parse_weighted_mode(mode)
+    except MoemergeError as exc:
+        raise ValueError(str(exc)) from None
+
+
 MERGE.add("weighted", MergeMethod(weighted_merge, description="weight x for the dominant expert, y for the others "
-                                                              "(mode='x,y'; '1,1' = plain average)"))
+                                                              "(mode='x,y'; '1,1' = plain average)",
+                                  check_mode=_check_weighted_mode))
 MERGE.add("aligned-freq", MergeMethod(aligned_freq_merge, description="M-SMoE: align neurons to the dominant expert "
                                                                       "by weight matching, then frequency-weighted "
                                                                       "average"))

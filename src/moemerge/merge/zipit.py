@@ -291,8 +291,14 @@ def assignment_pass(ctx: LayerPass) -> dict:
     return {ASSIGN_STAT: out} if out else {}
 
 
+def check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode {mode!r} is not a mode of zipit / fix-dom-same; valid choices: {', '.join(MODES)}")
+
+
 MERGE.add("zipit", MergeMethod(zipit_merge, description="ZipIt: zip correlated intermediate neurons of the group "
-                                                        "(ingredient, mode)", layer_pass=assignment_pass))
+                                                        "(ingredient, mode)", layer_pass=assignment_pass,
+                               check_mode=check_mode, neuron_matching=True))
 MERGE.add("fix-dom-same", MergeMethod(fix_dom_same_merge, description="match every member's neurons to the "
                                                                       "dominant expert's, then average",
-                                      layer_pass=assignment_pass))
+                                      layer_pass=assignment_pass, check_mode=check_mode, neuron_matching=True))

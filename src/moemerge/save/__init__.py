@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..errors import MoemergeError
-from ..families import family_of
+from ..families import family_of, moe_layers
 from ..group.plan import MergePlan
 from .formats import FORMATS, ROUTER_ADAPT, check_plan
 
@@ -37,8 +37,6 @@ def apply_plan(model: nn.Module, plan: MergePlan, merged: dict, frequencies: dic
     """Write merged experts (``merged[layer]``, a :class:`MergedLayer`) into the model in place, with the router
     handled by format ``router``; updates the config's expert count when the format changes it. ``stats`` supplies
     the calibration router inputs for fitted router rows (``router_adapt`` fit, fit_centered, kl)."""
-    from ..families import moe_layers
-
     fmt = FORMATS.get(router)
     spec = family_of(model.config)
     counts = plan.counts()
