@@ -1,4 +1,5 @@
-"""Observer throughput: tokens/s of a calibration pass against a plain forward pass over the same tokens.
+"""Observer throughput: tokens/s of a calibration pass (the executor's statistics walk over the model in memory)
+against a plain forward pass over the same tokens.
 
 Run: ``python benchmarks/bench_observer.py [--model tiny-mixtral|tiny-qwen-moe|PATH] [--windows 16] [--seq-len 256]``
 
@@ -15,9 +16,10 @@ import time
 import torch
 
 from moemerge import zoo
-from moemerge.calibrate.observer import observe
+from moemerge.calibrate import CalibrationSettings
 from moemerge.data import load_text, tokenize, windows
 from moemerge.families import moe_layers
+from moemerge.pipeline import calibrate
 from moemerge.loading import load_model
 
 STAT_SETS = {
@@ -66,8 +68,9 @@ def main() -> None:
     print(f"{'pass':<52} {'seconds':>8} {'tokens/s':>10} {'speed':>7} {'peak RSS +MB':>13}")
     print(f"{'plain forward':<52} {base:8.3f} {tokens / base:10.0f} {1.0:7.2f} {0:13.0f}")
     for label, names in STAT_SETS.items():
-        t = best_of(lambda names=names: observe(model, layers, wins, names, args.batch_size, progress=False),
-                    args.repeat)
+        settings = CalibrationSettings("bundled:validation", args.windows, args.seq_len, args.batch_size, 0,
+                                       use_cache=False)
+        t = best_of(lambda names=names: calibrate(loaded, settings, names, progress=False), args.repeat)
         rss = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
         print(f"{label:<52} {t:8.3f} {tokens / t:10.0f} {base / t:7.2f} {rss:13.0f}")
 

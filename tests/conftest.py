@@ -47,32 +47,13 @@ def tokenizer():
 
 
 def make_model(family: str, vocab_size: int = 300, seed: int = 0, **overrides):
-    """A tiny random MoE model of the family, fp32, eval mode."""
-    from transformers import MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
+    """A tiny random MoE model of the family (fp32, eval mode), from the family registry's tiny config."""
+    from moemerge.families import tiny_model
 
-    common = dict(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                  num_key_value_heads=1, max_position_embeddings=128, tie_word_embeddings=False,
-                  bos_token_id=1, eos_token_id=2, pad_token_id=3)
-    if family == "mixtral":
-        cfg = MixtralConfig(**{**common, "intermediate_size": 48, "num_local_experts": 8, "num_experts_per_tok": 2,
-                               **overrides})
-        cls = MixtralForCausalLM
-    else:
-        cfg = Qwen2MoeConfig(**{**common, "intermediate_size": 64, "moe_intermediate_size": 24, "num_experts": 8,
-                                "num_experts_per_tok": 4, "shared_expert_intermediate_size": 48,
-                                "norm_topk_prob": False, "decoder_sparse_step": 1, "mlp_only_layers": [],
-                                **overrides})
-        cls = Qwen2MoeForCausalLM
-    torch.manual_seed(seed)
-    model = cls(cfg).eval()
-    with torch.no_grad():  # larger router weights than the init gives, so routing is far from uniform
-        for name, p in model.named_parameters():
-            if name.endswith("gate.weight") and "shared" not in name:
-                p.normal_(0, 0.5)
-    return model
+    return tiny_model(family, vocab_size, seed, **overrides)
 
 
-FAMILIES = ["mixtral", "qwen2_moe"]
+FAMILIES = ["mixtral", "qwen2_moe"]  # the families of the bundled models, for the end-to-end tests
 
 
 @pytest.fixture(scope="session")

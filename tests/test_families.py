@@ -1,5 +1,5 @@
-"""The other registered families with the fused-experts layout (OLMoE, Qwen3-MoE): the identities and the stock
-reload hold for them too, built from tiny random configs."""
+"""Every registered family (driven by the family registry, not a list here): the identities and the stock reload
+hold, on a tiny random model built from the family's registered tiny config."""
 
 from __future__ import annotations
 
@@ -10,31 +10,14 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import moemerge
-from moemerge.families import family_of, moe_layers
+from moemerge.families import FAMILIES, family_of, moe_layers, tiny_model
 
 
-def _tiny(family: str, vocab_size: int):
-    from transformers import OlmoeConfig, OlmoeForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
-
-    common = dict(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                  num_key_value_heads=1, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=3,
-                  num_experts=8, num_experts_per_tok=2)
-    if family == "olmoe":
-        model = OlmoeForCausalLM(OlmoeConfig(**common, intermediate_size=24, norm_topk_prob=False))
-    else:
-        model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**common, moe_intermediate_size=24, intermediate_size=64,
-                                                   norm_topk_prob=True, head_dim=16))
-    with torch.no_grad():
-        for layer in moe_layers(model):
-            layer.router.weight.normal_(0, 0.5)
-    return model.eval()
-
-
-@pytest.fixture(scope="module", params=["olmoe", "qwen3_moe"])
+@pytest.fixture(scope="module", params=FAMILIES.names())
 def family_dir(request, tmp_path_factory, tokenizer):
-    torch.manual_seed(0)
+    """Every registered family, as a tiny random checkpoint built from the registry's own tiny config."""
     d = tmp_path_factory.mktemp(request.param)
-    _tiny(request.param, len(tokenizer)).save_pretrained(d)
+    tiny_model(request.param, len(tokenizer)).save_pretrained(d)
     tokenizer.save_pretrained(d)
     return request.param, d
 
@@ -49,6 +32,7 @@ def test_family_is_recognised(family_dir):
     family, d = family_dir
     model = AutoModelForCausalLM.from_pretrained(d)
     assert family_of(model.config).name == family and len(moe_layers(model)) == 2
+    assert FAMILIES.get(family).num_experts(model.config) == 8
 
 
 @pytest.mark.parametrize("router", ["keep", "collapse"])
@@ -65,6 +49,7 @@ def test_all_groups_reproduce_logits_and_reload(family_dir, text_file, tmp_path,
 
 def test_collapsed_merge_shrinks_and_reloads_stock(family_dir, text_file, tmp_path):
     family, d = family_dir
+    spec = FAMILIES.get(family)
     out = tmp_path / "small"
     result = moemerge.run(_recipe(d, text_file, out, num_average_groups=4, router="collapse"), progress=False)
     model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
@@ -73,4 +58,4 @@ def test_collapsed_merge_shrinks_and_reloads_stock(family_dir, text_file, tmp_pa
     assert result.parameters_after < result.parameters_before
     saved = json.loads((out / "config.json").read_text())
     original = json.loads((d / "config.json").read_text())
-    assert {k for k in original if original[k] != saved.get(k)} <= {"num_experts", "num_local_experts"}
+    assert {k for k in original if original[k] != saved.get(k)} <= set(spec.num_experts_keys)

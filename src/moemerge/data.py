@@ -25,7 +25,7 @@ LOG = logging.getLogger(__name__)
 NAMED_DATASETS: dict[str, tuple[tuple, dict, str, str, str]] = {
     "wikitext2": (("wikitext", "wikitext-2-raw-v1"), {}, "test", "text", "\n\n"),
     "wikitext2-train": (("wikitext", "wikitext-2-raw-v1"), {}, "train", "text", "\n\n"),
-    "ptb": (("ptb_text_only", "penn_treebank"), {"trust_remote_code": True}, "test", "sentence", " "),
+    "ptb": (("ptb_text_only", "penn_treebank"), {}, "test", "sentence", " "),
     "c4": (("allenai/c4",), {"data_files": {"validation": "en/c4-validation.00000-of-00008.json.gz"}},
            "validation", "text", "\n\n"),
     "c4-train": (("allenai/c4",), {"data_files": {"train": "en/c4-train.00000-of-01024.json.gz"}},
@@ -80,13 +80,24 @@ def load_text(spec: str | os.PathLike, max_docs: int | None = None) -> TextSourc
     )
 
 
+def _decode(raw: bytes, f: Path, offset: int) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise MoemergeError(f"{f}: not UTF-8 text at byte {offset + exc.start} ({raw[exc.start:exc.start + 4]!r}); "
+                            f"convert the file to UTF-8 (e.g. iconv -t utf-8)") from None
+
+
 def _read_local(path: Path, max_docs: int | None) -> TextSource:
     files = sorted(p for p in path.rglob("*") if p.suffix in (".jsonl", ".txt")) if path.is_dir() else [path]
     docs: list[str] = []
     for f in files:
         if f.suffix == ".jsonl":
-            with open(f, encoding="utf-8") as fh:
-                for lineno, line in enumerate(fh, 1):
+            with open(f, "rb") as fh:
+                offset = 0
+                for lineno, raw in enumerate(fh, 1):
+                    line = _decode(raw, f, offset)
+                    offset += len(raw)
                     if not line.strip():
                         continue
                     try:
@@ -96,7 +107,7 @@ def _read_local(path: Path, max_docs: int | None) -> TextSource:
                     if text.strip():
                         docs.append(text)
         elif f.suffix == ".txt" or not path.is_dir():
-            text = f.read_text(encoding="utf-8", errors="replace")
+            text = _decode(f.read_bytes(), f, 0)
             if text.strip():
                 docs.append(text)
         if max_docs and len(docs) >= max_docs:

@@ -8,7 +8,7 @@ keys hold the expert count and top-k. A new family with this layout is one more 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -39,6 +39,7 @@ class FamilySpec:
         router_buffers: expert-indexed buffers of the router that must shrink with its rows
             (DeepSeek-V3's ``e_score_correction_bias``).
         group_key: config key of the number of expert groups for group-limited routing (``n_group``).
+        tiny: config values of a tiny random model of the family (the family's tests build one from it).
     """
 
     name: str
@@ -54,6 +55,7 @@ class FamilySpec:
     scoring: str = "softmax"
     router_buffers: tuple[str, ...] = ()
     group_key: str | None = None
+    tiny: dict = field(default_factory=dict, compare=False)
 
     def expert_groups(self, config) -> int:
         """Groups of contiguous expert ids that group-limited routing picks from (1 when routing is not grouped)."""
@@ -175,28 +177,61 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 FAMILIES: Registry[FamilySpec] = Registry("model family")
-FAMILIES.add("mixtral", FamilySpec("mixtral", ("mixtral", "minimax"), ("num_local_experts", "num_experts")))
+# Every family's tiny config has 8 experts in 2 MoE layers (more for DeepSeek's dense first layer), hidden 32.
+FAMILIES.add("mixtral", FamilySpec("mixtral", ("mixtral", "minimax"), ("num_local_experts", "num_experts"),
+                                   tiny={"intermediate_size": 48, "num_local_experts": 8, "num_experts_per_tok": 2}))
 FAMILIES.add(
     "qwen2_moe",
     FamilySpec(
         "qwen2_moe", ("qwen2_moe",), ("num_experts",),
         shared_attrs=("shared_expert", "shared_expert_gate"), renormalize="norm_topk_prob",
+        tiny={"intermediate_size": 64, "moe_intermediate_size": 24, "num_experts": 8, "num_experts_per_tok": 4,
+              "shared_expert_intermediate_size": 48, "norm_topk_prob": False, "decoder_sparse_step": 1,
+              "mlp_only_layers": []},
     ),
 )
 # Same layout and routing as Qwen2-MoE minus the shared expert. Qwen3-MoE's config maps num_experts to
 # num_local_experts on save, so both keys are rewritten.
 FAMILIES.add("qwen3_moe", FamilySpec("qwen3_moe", ("qwen3_moe",), ("num_experts", "num_local_experts"),
-                                     renormalize="norm_topk_prob"))
-FAMILIES.add("olmoe", FamilySpec("olmoe", ("olmoe",), ("num_experts",), renormalize="norm_topk_prob"))
+                                     renormalize="norm_topk_prob",
+                                     tiny={"moe_intermediate_size": 24, "intermediate_size": 64, "num_experts": 8,
+                                           "num_experts_per_tok": 2, "norm_topk_prob": True, "head_dim": 16}))
+FAMILIES.add("olmoe", FamilySpec("olmoe", ("olmoe",), ("num_experts",), renormalize="norm_topk_prob",
+                                 tiny={"intermediate_size": 24, "num_experts": 8, "num_experts_per_tok": 2,
+                                       "norm_topk_prob": False}))
+_DEEPSEEK_TINY = {"intermediate_size": 64, "moe_intermediate_size": 16, "num_hidden_layers": 3, "n_routed_experts": 8,
+                  "n_shared_experts": 1, "num_experts_per_tok": 2, "first_k_dense_replace": 1, "n_group": 1,
+                  "topk_group": 1, "q_lora_rank": None, "kv_lora_rank": 16, "qk_rope_head_dim": 8,
+                  "qk_nope_head_dim": 8, "v_head_dim": 8, "routed_scaling_factor": 2.0, "num_key_value_heads": 2}
 # DeepSeek-V2 (softmax, greedy or group-limited top-k, × routed_scaling_factor) and DeepSeek-V3 (sigmoid scores, a
 # score-correction bias for the choice, group-limited top-k): same fused experts; dense first layers are skipped.
 FAMILIES.add("deepseek_v2", FamilySpec("deepseek_v2", ("deepseek_v2",), ("n_routed_experts", "num_experts"),
                                        shared_attrs=("shared_experts",), renormalize="never", route_exact=False,
-                                       group_key="n_group"))
+                                       group_key="n_group", tiny={**_DEEPSEEK_TINY, "topk_method": "greedy"}))
 FAMILIES.add("deepseek_v3", FamilySpec("deepseek_v3", ("deepseek_v3",), ("n_routed_experts", "num_local_experts"),
                                        shared_attrs=("shared_experts",), renormalize="norm_topk_prob",
                                        route_exact=False, scoring="sigmoid",
-                                       router_buffers=("e_score_correction_bias",), group_key="n_group"))
+                                       router_buffers=("e_score_correction_bias",), group_key="n_group",
+                                       tiny={**_DEEPSEEK_TINY, "norm_topk_prob": True}))
+
+
+def tiny_model(name: str, vocab_size: int, seed: int = 0, **overrides) -> nn.Module:
+    """A tiny random model of registered family ``name`` (fp32, eval mode), from its ``tiny`` config, with router
+    weights larger than the init gives so that routing is far from uniform (tests and examples)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    spec = FAMILIES.get(name)
+    values = {"vocab_size": vocab_size, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+              "num_key_value_heads": 1, "max_position_embeddings": 128, "tie_word_embeddings": False,
+              "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3, **spec.tiny, **overrides}
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(spec.model_types[0], **values)).eval()
+    with torch.no_grad():
+        for layer in spec.moe_layers(model):
+            layer.router.weight.normal_(0, 0.5)
+            for name in spec.router_buffers:
+                getattr(layer.router, name).normal_(0, 0.1)
+    return model
 
 
 def family_of(config) -> FamilySpec:

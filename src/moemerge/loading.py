@@ -61,6 +61,17 @@ def ships_moemerge_code(config_path: Path) -> bool:
     return bool(auto_map) and all(str(v).startswith("modeling_moemerge.") for v in auto_map.values())
 
 
+def check_shipped_code(folder: Path) -> None:
+    """A folder that claims moemerge's modeling code must hold exactly the file moemerge writes (or none): moemerge
+    loads it through its own installed classes either way, and refuses a folder whose file was changed."""
+    from .save.mapped import REMOTE_DIR, REMOTE_FILE
+
+    shipped = folder / REMOTE_FILE
+    if shipped.exists() and shipped.read_bytes() != (REMOTE_DIR / REMOTE_FILE).read_bytes():
+        raise MoemergeError(f"{shipped} differs from the modeling code moemerge writes; refusing a folder whose code "
+                            f"was changed (moemerge never runs a model folder's own code)")
+
+
 def load_model(source: str, dtype: str | None = "auto", device: str | None = "auto",
                device_map: str | None = None, require_moe: bool = True) -> LoadedModel:
     """Load a causal-LM MoE checkpoint and its tokenizer.
@@ -84,22 +95,28 @@ def load_model(source: str, dtype: str | None = "auto", device: str | None = "au
         local_dir = None
     else:
         raise MoemergeError(f"model {source!r} is neither a local folder nor a hub id (owner/name)")
-    trust = local_dir is not None and ships_moemerge_code(local_dir / "config.json")
+    from .save.remote import registered  # noqa: F401  (moemerge's own mapped model types)
+
+    ours = local_dir is not None and ships_moemerge_code(local_dir / "config.json")
+    if ours:
+        check_shipped_code(local_dir)
     try:
-        config = AutoConfig.from_pretrained(str(path) if local_dir else source, trust_remote_code=trust)
+        # Never trust_remote_code: moemerge's own formats load through the classes installed with it (registered
+        # above), and any other folder's Python file is never run.
+        config = AutoConfig.from_pretrained(str(path) if local_dir else source, trust_remote_code=False)
     except (OSError, ValueError) as exc:  # offline hub, unknown repo, malformed config
         raise MoemergeError(f"cannot load config of {source!r}: {str(exc).splitlines()[0]}") from None
     if require_moe:
-        if trust:
+        if ours:
             raise MoemergeError(f"{source!r} is a moemerge {config.model_type} checkpoint (mapped/lowrank format): "
                                 "evaluate it with `moemerge eval`; merge or analyse the original or a keep/compact one")
         family_of(config)  # fail on dense / unsupported models before loading any weight
-    kwargs: dict = {"dtype": resolve_dtype(dtype), "trust_remote_code": trust}
+    kwargs: dict = {"dtype": resolve_dtype(dtype), "trust_remote_code": False}
     if device_map:
         kwargs["device_map"] = device_map
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path) if local_dir else source, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(str(path) if local_dir else source, trust_remote_code=trust)
+        tokenizer = AutoTokenizer.from_pretrained(str(path) if local_dir else source, trust_remote_code=False)
     except (OSError, ValueError) as exc:
         raise MoemergeError(f"cannot load {source!r}: {str(exc).splitlines()[0]}") from None
     if not device_map:
@@ -150,6 +167,7 @@ def open_checkpoint(source: str) -> Checkpoint:
     except (OSError, json.JSONDecodeError) as exc:
         raise MoemergeError(f"{path / 'config.json'}: not a JSON config ({exc})") from None
     if ships_moemerge_code(path / "config.json"):
+        check_shipped_code(path)
         raise MoemergeError(f"{source!r} is a moemerge {config_dict.get('model_type')} checkpoint (mapped/lowrank "
                             "format): evaluate it with `moemerge eval`; merge the original or a keep/compact one")
     try:

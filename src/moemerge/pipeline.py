@@ -28,6 +28,7 @@ from .execute.source import LayerSource, ModelSource, ShardSource, meta_skeleton
 from .execute.weights import KeyConverter
 from .families import FamilySpec, family_of
 from .group import merged_layers, uniform_targets
+from .group.dominant import check_group_limit
 from .group.plan import MergePlan
 from .loading import LoadedModel, cache_root, fingerprint, open_checkpoint, resolve_device, resolve_dtype
 from .recipe import Recipe, parse_size
@@ -105,6 +106,8 @@ def validate_for_model(recipe: Recipe, source: LayerSource) -> None:
     if not layers:
         raise MoemergeError(f"start_layer={recipe.start_layer} leaves no MoE layer to merge")
     uniform_targets(layers, recipe.num_average_groups, top_k)
+    for v in layers:  # single-shot grouping: groups of at most group_limit must hold every expert
+        check_group_limit(v.num_experts, recipe.num_average_groups, recipe.group_limit, v.index)
     shrinks = FORMATS.get(recipe.router).changes_count
     if shrinks and spec.expert_groups(config) > 1:
         raise MoemergeError(f"{spec.name} routes within {spec.expert_groups(config)} groups of contiguous "

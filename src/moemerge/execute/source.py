@@ -143,6 +143,7 @@ class ShardSource(LayerSource):
     # ---- trunk -------------------------------------------------------------------------------------------------
     def _load_trunk(self, keys: list[str]) -> None:
         tensors = self._cast(self.converter.to_memory({k: self.index.get(k) for k in keys}))
+        _check_finite(tensors, "the model's trunk", self.folder)
         missing, unexpected = self.model.load_state_dict(tensors, strict=False, assign=True)
         if unexpected:
             raise MoemergeError(f"{self.folder}: checkpoint tensors the model does not have: {unexpected[:3]}")
@@ -181,6 +182,7 @@ class ShardSource(LayerSource):
         prefix = f"{self._prefix}.{index}."
         tensors = {k.removeprefix(prefix): v for k, v in self._cast(self.converter.to_memory(raw)).items()}
         del raw
+        _check_finite(tensors, f"decoder layer {index}", self.folder)
         module = self.layers[index]
         try:
             module.load_state_dict(tensors, strict=True, assign=True)
@@ -197,6 +199,20 @@ class ShardSource(LayerSource):
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._pending.clear()
+
+
+def _check_finite(tensors: dict[str, torch.Tensor], where: str, folder: Path) -> None:
+    """Refuse NaN or infinite weights as they are read (one pass over memory already being touched), naming the
+    tensor and, for fused experts ``[E, ...]``, the expert."""
+    for name, t in tensors.items():
+        if not t.is_floating_point() or bool(torch.isfinite(t).all()):
+            continue
+        where_bad = ""
+        if name.endswith(("gate_up_proj", "down_proj")) and t.dim() == 3:
+            bad = (~torch.isfinite(t)).flatten(1).any(1).nonzero().flatten().tolist()
+            where_bad = f", expert{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad[:8]))}"
+        raise MoemergeError(f"{folder}: {where}, {name}{where_bad} holds NaN or infinite weights; the checkpoint "
+                            f"is damaged (re-download it) or was saved from a diverged run")
 
 
 def _return_freed_memory() -> None:

@@ -78,7 +78,10 @@ def frequency_dominants(ctx: GroupingContext) -> dict[int, list[int]]:
     """The dominant experts of every merged layer under the global frequency budget."""
     freqs = {layer.index: ctx.stats.frequency(layer.index).numpy() for layer in ctx.layers}
     total = ctx.recipe.num_average_groups * len(ctx.layers)
-    return frequency_budget(freqs, total, max(1, ctx.top_k))
+    floor = max(1, ctx.top_k)
+    if ctx.recipe.group_limit is not None:  # every layer needs enough dominants to hold its experts
+        floor = max([floor] + [-(-layer.num_experts // ctx.recipe.group_limit) for layer in ctx.layers])
+    return frequency_budget(freqs, total, floor)
 
 
 def _frequency(ctx: GroupingContext) -> dict[int, LayerPlan]:

@@ -1,0 +1,102 @@
+"""Bad or hostile input ends in one line before the expensive part, and no code from a model folder ever runs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import moemerge
+
+from conftest import make_model
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "moemerge.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def _merge(model: Path, out: Path, text: Path, *extra: str) -> subprocess.CompletedProcess:
+    return _cli("merge", str(model), "-o", str(out), "--num-average-groups", "4", "--calibration", str(text),
+                "--n-sentences", "4", "--seq-len", "32", "--ppl", "none", "-q", *extra)
+
+
+def _one_line(r: subprocess.CompletedProcess, *words: str) -> None:
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
+    for w in words:
+        assert w in r.stderr, r.stderr
+
+
+def test_calibration_text_that_is_not_utf8(model_dirs, tmp_path):
+    bad = tmp_path / "latin1.jsonl"
+    good = (json.dumps({"text": "first line"}) + "\n").encode()
+    bad.write_bytes(good + b'{"text": "caf\xe9"}\n')
+    before = bad.read_bytes()
+    r = _merge(model_dirs["mixtral"], tmp_path / "out", bad)
+    _one_line(r, str(bad), "not UTF-8", f"byte {len(good) + 13}")
+    assert not (tmp_path / "out").exists() and bad.read_bytes() == before
+
+
+def test_nan_weights_name_the_layer_and_expert(tmp_path, tokenizer, text_file):
+    d = tmp_path / "nan"
+    make_model("mixtral", vocab_size=len(tokenizer)).save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    tensors = load_file(d / "model.safetensors")
+    key = "model.layers.1.block_sparse_moe.experts.5.w2.weight"
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
+    r = _merge(d, tmp_path / "out", text_file)
+    _one_line(r, "decoder layer 1", "expert 5", "NaN")
+    assert not (tmp_path / "out").exists()
+
+
+def test_infeasible_group_limit_fails_before_calibration(model_dirs, text_file, tmp_path, monkeypatch):
+    from moemerge import pipeline
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model ran")
+
+    monkeypatch.setattr(pipeline, "execute", never)
+    recipe = moemerge.Recipe.build(model_path=str(model_dirs["mixtral"]), output_path=str(tmp_path / "out"),
+                                   calibration=str(text_file), num_average_groups=2, dominant="random",
+                                   group_limit=3, ppl=["none"])
+    with pytest.raises(moemerge.MoemergeError, match=r"group_limit=3 is infeasible .* \(need group_limit >= 4\)"):
+        moemerge.run(recipe, progress=False)
+
+
+def test_a_model_folder_never_runs_its_own_code(tmp_path, tokenizer, text_file):
+    """A folder whose config names `modeling_moemerge.py` in its auto_map, with a file of that name that writes a
+    marker: merge, eval and analyze must never import it."""
+    marker = tmp_path / "marker"
+    d = tmp_path / "planted"
+    make_model("mixtral", vocab_size=len(tokenizer)).save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    config = json.loads((d / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "modeling_moemerge.MixtralMappedConfig",
+                          "AutoModelForCausalLM": "modeling_moemerge.MixtralMappedForCausalLM"}
+    (d / "config.json").write_text(json.dumps(config))
+    (d / "modeling_moemerge.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    results = [_merge(d, tmp_path / "out", text_file),
+               _cli("eval", str(d), "--ppl", str(text_file), "--seq-len", "32", "-q"),
+               _cli("analyze", str(d), "-o", str(tmp_path / "an"), "--calibration", str(text_file),
+                    "--n-sentences", "2", "--seq-len", "32", "--no-importance", "-q")]
+    assert not marker.exists()
+    for r in results:
+        _one_line(r, "modeling_moemerge.py")
+
+
+def test_moemerge_formats_load_through_installed_classes(model_dirs, text_file, tmp_path):
+    """A mapped checkpoint written by moemerge is evaluated without trust_remote_code (its shipped file untouched)."""
+    out = tmp_path / "mapped"
+    moemerge.run(moemerge.Recipe.build(model_path=str(model_dirs["qwen2_moe"]), output_path=str(out),
+                                       calibration=str(text_file), num_average_groups=4, router="mapped",
+                                       n_sentences=4, seq_len=32, ppl=["none"], report=False), progress=False)
+    loaded = moemerge.load_model(str(out), "float32", "cpu", require_moe=False)
+    assert type(loaded.model).__module__.startswith("moemerge.")
+    with torch.no_grad():
+        assert torch.isfinite(loaded.model(input_ids=torch.tensor([[5, 6, 7]])).logits).all()
