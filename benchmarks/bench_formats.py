@@ -21,11 +21,10 @@ import time
 import torch
 
 from moemerge.calibrate import CalibrationSettings
-from moemerge.pipeline import calibrate
 from moemerge.evaluate import eval_texts, perplexities
 from moemerge.families import moe_layers
 from moemerge.loading import load_model
-from moemerge.pipeline import merge_model
+from moemerge.pipeline import calibrate, merge_model
 from moemerge.recipe import Recipe
 from moemerge.save import count_parameters
 from moemerge.save.router_fit import routing_kl

@@ -19,8 +19,8 @@ from moemerge import zoo
 from moemerge.calibrate import CalibrationSettings
 from moemerge.data import load_text, tokenize, windows
 from moemerge.families import moe_layers
-from moemerge.pipeline import calibrate
 from moemerge.loading import load_model
+from moemerge.pipeline import calibrate
 
 STAT_SETS = {
     "frequency": ["frequency"],
@@ -67,9 +67,9 @@ def main() -> None:
           f"{len(layers)} MoE layers, {tokens} tokens ({len(wins)} × {args.seq_len}), batch {args.batch_size}")
     print(f"{'pass':<52} {'seconds':>8} {'tokens/s':>10} {'speed':>7} {'peak RSS +MB':>13}")
     print(f"{'plain forward':<52} {base:8.3f} {tokens / base:10.0f} {1.0:7.2f} {0:13.0f}")
+    settings = CalibrationSettings("bundled:validation", args.windows, args.seq_len, args.batch_size, 0,
+                                   use_cache=False)
     for label, names in STAT_SETS.items():
-        settings = CalibrationSettings("bundled:validation", args.windows, args.seq_len, args.batch_size, 0,
-                                       use_cache=False)
         t = best_of(lambda names=names: calibrate(loaded, settings, names, progress=False), args.repeat)
         rss = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
         print(f"{label:<52} {t:8.3f} {tokens / t:10.0f} {base / t:7.2f} {rss:13.0f}")

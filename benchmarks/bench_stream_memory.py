@@ -146,7 +146,8 @@ def _recipe_default(field: str, fallback: int) -> int:
 
         default = Recipe.model_fields[field].default
         return int(default) if default is not None else fallback
-    except (ImportError, AttributeError, KeyError, TypeError, ValueError):  # package may be mid-rewrite; the bound is an estimate anyway
+    # the bound is an estimate: fall back to a default if the package cannot tell
+    except (ImportError, AttributeError, KeyError, TypeError, ValueError):
         return fallback
 
 

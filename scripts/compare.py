@@ -23,7 +23,6 @@ from pathlib import Path
 import torch
 
 from moemerge import Recipe
-
 from moemerge.evaluate import eval_texts
 from moemerge.families import family_of, moe_layers
 from moemerge.loading import LoadedModel, load_model

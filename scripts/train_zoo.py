@@ -531,7 +531,8 @@ def train_qwen(tokenizer, sampler, steps: int, dense_steps: int) -> None:
     # Sanity check of the upcycling scale: the MoE should start near the dense loss.
     x = sampler.batch(BATCH)
     with torch.no_grad():
-        dense.eval(); moe.eval()
+        dense.eval()
+        moe.eval()
         print(f"[qwen] after upcycling: dense loss {dense(input_ids=x, labels=x).loss.item():.3f}, "
               f"MoE loss {moe(input_ids=x, labels=x).loss.item():.3f}", flush=True)
     del dense

@@ -11,12 +11,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import make_model
 from moemerge.cli import main
 from moemerge.errors import MoemergeError
 from moemerge.evaluate.analyze import cosine_matrix, imbalance
 from moemerge.evaluate.interventions import expert_importance, intervene, parse_selection
 from moemerge.families import moe_layers
+
+from conftest import make_model
 
 
 def _png_shape(path) -> tuple[int, ...]:

@@ -11,9 +11,9 @@ import pytest
 import moemerge
 from moemerge import zoo
 from moemerge.calibrate import CalibrationSettings
-from moemerge.pipeline import calibrate
 from moemerge.data import load_text
 from moemerge.families import family_of
+from moemerge.pipeline import calibrate
 
 
 @pytest.mark.parametrize("name", list(zoo.MODELS))

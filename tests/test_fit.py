@@ -7,11 +7,11 @@ import torch
 
 import moemerge
 from moemerge.calibrate import Stats
+from moemerge.execute.executor import layer_passes
 from moemerge.families import moe_layers
 from moemerge.group.plan import LayerPlan, MergePlan
 from moemerge.loading import LoadedModel, fingerprint
 from moemerge.merge import merge_layer
-from moemerge.execute.executor import layer_passes
 from moemerge.merge.fit import fit_objective, solve_down, start_method
 from moemerge.pipeline import merge_model
 

@@ -8,7 +8,6 @@ import json
 import pytest
 import torch
 
-from conftest import make_model
 from moemerge.errors import MoemergeError
 from moemerge.families import moe_layers
 from moemerge.group.plan import LayerPlan, MergePlan
@@ -19,6 +18,8 @@ from moemerge.save.formats import adapt_rows
 from moemerge.save.mapped import check_expert_ids, exact_factors
 from moemerge.save.remote.modeling_moemerge import combine_weights
 from moemerge.save.router_fit import exact_group_probs, fit_centered_rows, fit_rows, routing_kl, split_slots
+
+from conftest import make_model
 
 FAMILIES = ["mixtral", "qwen2_moe"]
 UNIFORM = {0: [[0, 3], [1], [2, 5, 6], [4, 7]], 1: [[0, 1], [2, 3], [4, 5], [6, 7]]}

@@ -14,7 +14,6 @@ from transformers import AutoModelForCausalLM
 
 import moemerge
 from moemerge.calibrate import CalibrationSettings
-from moemerge.pipeline import calibrate
 from moemerge.data import TextSource, tokenize, windows
 from moemerge.errors import MoemergeError
 from moemerge.families import family_of, moe_layers
@@ -22,6 +21,7 @@ from moemerge.group.plan import LayerPlan, MergePlan
 from moemerge.loading import LoadedModel, fingerprint
 from moemerge.merge import GroupInputs, frequency_weights, merge_layer
 from moemerge.merge.average import freq_merge
+from moemerge.pipeline import calibrate
 from moemerge.save import apply_plan
 
 from conftest import FAMILIES, make_model

@@ -10,7 +10,6 @@ import torch
 
 import moemerge
 from moemerge.calibrate import CalibrationSettings
-from moemerge.pipeline import calibrate
 from moemerge.errors import MoemergeError
 from moemerge.families import family_of, moe_layers
 from moemerge.group import CLUSTER, plan_groups
@@ -19,6 +18,7 @@ from moemerge.group.dominant import assign_to_dominants, random_plan
 from moemerge.group.overlap import squared_distances_from_gram, symmetric_kl
 from moemerge.group.plan import LayerPlan, MergePlan
 from moemerge.loading import LoadedModel, fingerprint
+from moemerge.pipeline import calibrate
 from moemerge.save import check_plan
 
 from conftest import make_model

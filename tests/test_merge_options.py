@@ -11,13 +11,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import moemerge
-from moemerge.calibrate import CalibrationSettings
-from moemerge.pipeline import calibrate
-from moemerge.group.plan import LayerPlan, MergePlan
 from moemerge.loading import LoadedModel, fingerprint
 from moemerge.merge import MERGE, GroupInputs, weighted_average
 from moemerge.merge.align import align_group, match_permutation, permute_expert, weight_similarity
-from moemerge.merge.zipit import ASSIGN_STAT, merge_by_assignment, zip_features
+from moemerge.merge.zipit import merge_by_assignment, zip_features
 
 from conftest import make_model
 

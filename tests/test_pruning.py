@@ -8,9 +8,9 @@ from transformers import AutoModelForCausalLM
 
 import moemerge
 from moemerge.calibrate import CalibrationSettings
-from moemerge.pipeline import calibrate
 from moemerge.group.prune import PRUNE, prune_plan
 from moemerge.loading import LoadedModel, fingerprint
+from moemerge.pipeline import calibrate
 
 from conftest import FAMILIES, make_model
 

@@ -13,7 +13,6 @@ from transformers import AutoModelForCausalLM
 
 import moemerge
 from moemerge.calibrate import CalibrationSettings, LayerBatch
-from moemerge.pipeline import calibrate
 from moemerge.calibrate.stats import STATISTICS
 from moemerge.errors import MoemergeError
 from moemerge.families import family_of, moe_layers
@@ -21,8 +20,14 @@ from moemerge.group import plan_groups
 from moemerge.group.allocation import allocate, allocate_block, cluster_cost
 from moemerge.loading import LoadedModel, fingerprint
 from moemerge.merge import GroupInputs, frequency_weights, merge_layer
-from moemerge.merge.subspace import (clamp_psd, submoe_merge, subspace_merge_matrix, truncation_rank,
-                                     union_svd_merge_matrix)
+from moemerge.merge.subspace import (
+    clamp_psd,
+    submoe_merge,
+    subspace_merge_matrix,
+    truncation_rank,
+    union_svd_merge_matrix,
+)
+from moemerge.pipeline import calibrate
 
 from conftest import FAMILIES, make_model
 

@@ -11,8 +11,9 @@ import json
 import logging
 import sys
 import typing
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import click
 
@@ -292,7 +293,8 @@ def recommend(model: str, groups: int, output: str, candidates: str | None, quie
     """Try candidate recipes on held-out calibration text, print the table and write the best as a recipe."""
     _setup_logging(False)
     try:
-        from .recommend import print_trials, recommend as run_recommend, write_recipe
+        from .recommend import print_trials, write_recipe
+        from .recommend import recommend as run_recommend
 
         base = Recipe.build(_given(options), model_path=model, num_average_groups=groups)
         names = [c.strip() for c in candidates.split(",")] if candidates else None

@@ -92,7 +92,7 @@ class FamilySpec:
         return weights, indices
 
     # ---- modules -----------------------------------------------------------------------------------------------
-    def moe_layer(self, index: int, decoder_layer: nn.Module) -> "MoeLayer | None":
+    def moe_layer(self, index: int, decoder_layer: nn.Module) -> MoeLayer | None:
         """The MoE block of one decoder layer, or None for a dense layer (Qwen's ``mlp_only_layers``, DeepSeek's
         ``first_k_dense_replace``)."""
         block = getattr(decoder_layer, self.block_attr, None)
@@ -100,7 +100,7 @@ class FamilySpec:
             return None
         return MoeLayer(index=index, block=block, family=self)
 
-    def moe_layers(self, model: nn.Module) -> list["MoeLayer"]:
+    def moe_layers(self, model: nn.Module) -> list[MoeLayer]:
         return [v for v in (self.moe_layer(i, layer) for i, layer in enumerate(decoder_layers(model)))
                 if v is not None]
 
@@ -161,7 +161,8 @@ EXPERT_CHUNK_BYTES = 256 * 2**20
 
 
 def expert_intermediate(hidden: torch.Tensor, gate_up: torch.Tensor, act_fn) -> torch.Tensor:
-    """SwiGLU intermediate activations ``act(x W_gate^T) * (x W_up^T)`` of each expert: ``[T,H],[E,2I,H] -> [E,T,I]``."""
+    """SwiGLU intermediate activations ``act(x W_gate^T) * (x W_up^T)`` of each expert:
+    ``[T,H],[E,2I,H] -> [E,T,I]``."""
     gu = torch.einsum("th,eoh->eto", hidden, gate_up)
     gate, up = gu.chunk(2, dim=-1)
     return act_fn(gate) * up

@@ -6,8 +6,8 @@ Importing this module imports every method module, so all registries are complet
 from __future__ import annotations
 
 from .group import CLUSTER, GROUPING, LINKAGE, SIMILARITY
-from .group.prune import PRUNE
 from .group.options import check_combinations
+from .group.prune import PRUNE
 from .merge import MERGE, check_options
 from .registry import Registry
 from .save import FORMATS, ROUTER_ADAPT

@@ -26,11 +26,11 @@ from .execute.executor import Job, execute
 from .execute.sink import ShardSink, verify
 from .execute.source import LayerSource, ModelSource, ShardSource, meta_skeleton
 from .execute.weights import KeyConverter
-from .families import FamilySpec, family_of
+from .families import FamilySpec
 from .group import merged_layers, uniform_targets
 from .group.dominant import check_group_limit
 from .group.plan import MergePlan
-from .loading import LoadedModel, cache_root, fingerprint, open_checkpoint, resolve_device, resolve_dtype
+from .loading import LoadedModel, cache_root, open_checkpoint, resolve_device, resolve_dtype
 from .recipe import Recipe, parse_size
 from .save import FORMATS, SaveReport, edited_config, set_expert_count
 

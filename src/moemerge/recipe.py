@@ -143,7 +143,7 @@ class Recipe(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _combinations(self) -> "Recipe":
+    def _combinations(self) -> Recipe:
         if "linkage" in self.explicit() and self.cluster != "hierarchical":
             raise ValueError(f"linkage only applies to cluster=hierarchical (cluster is {self.cluster!r})")
         if self.router_fit and self.router not in ("collapse", "compact"):
@@ -163,7 +163,7 @@ class Recipe(BaseModel):
 
     # ---- I/O --------------------------------------------------------------------------------------------------
     @classmethod
-    def build(cls, base: dict | None = None, **overrides: Any) -> "Recipe":
+    def build(cls, base: dict | None = None, **overrides: Any) -> Recipe:
         """Validate a dict of options (keys with dashes or underscores) into a recipe, with one-line errors."""
         data = {k.replace("-", "_"): v for k, v in {**(base or {}), **overrides}.items() if v is not None}
         try:
@@ -176,7 +176,7 @@ class Recipe(BaseModel):
                                 else f"unknown option {where!r}") from None
 
     @classmethod
-    def load(cls, spec: str | Path, **overrides: Any) -> "Recipe":
+    def load(cls, spec: str | Path, **overrides: Any) -> Recipe:
         """A recipe from a YAML file, a checkpoint's ``merge_info.json`` (its resolved recipe) or a named preset
         (``hc-smoe``, ...), with overrides on top."""
         from .methods import PRESETS

@@ -6,7 +6,8 @@ Adding a method therefore touches one file: define the function and decorate it.
 
 from __future__ import annotations
 
-from typing import Callable, Generic, Iterator, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
 
 from .errors import MoemergeError
 

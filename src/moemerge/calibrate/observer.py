@@ -8,8 +8,8 @@ used (its own top-k, weights after renormalisation), so no top-k is ever recompu
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 from torch import nn
@@ -35,7 +35,7 @@ class Observer:
         self._handles: list = []
 
     @contextmanager
-    def attached(self) -> Iterator["Observer"]:
+    def attached(self) -> Iterator[Observer]:
         for layer in self.layers:
             self._handles.append(layer.router.register_forward_hook(self._router_hook(layer)))
             self._handles.append(layer.experts.register_forward_pre_hook(self._experts_hook(layer)))

@@ -22,10 +22,10 @@ import numpy as np
 import torch
 
 from ..calibrate import CalibrationSettings, Stats
-from ..pipeline import calibrate
 from ..errors import MoemergeError
 from ..families import family_of, moe_layers
 from ..loading import LoadedModel
+from ..pipeline import calibrate
 from . import plots
 
 DEFAULT_SIMILARITIES = ("router-logits", "weight", "expert-output")

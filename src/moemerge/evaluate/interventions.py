@@ -13,8 +13,8 @@ top-k, softmax and renormalisation are exactly the model's. Removing the hooks r
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 from torch import nn

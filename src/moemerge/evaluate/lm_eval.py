@@ -101,7 +101,7 @@ def _task_dict(path: Path, data: dict) -> dict:
     return data
 
 
-def _local_tasks(path: Path, out: "TaskSpec") -> None:
+def _local_tasks(path: Path, out: TaskSpec) -> None:
     """Add the tasks of a YAML file or folder. In a folder holding group YAMLs only the groups run (their
     subtasks would otherwise run twice); files that are neither tasks nor groups (shared snippets) are skipped."""
     yamls = [path] if path.is_file() else sorted(path.rglob("*.y*ml"))

@@ -7,8 +7,8 @@ be drawn from a live analysis, from ``merge_info.json`` or from JSON written ear
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 

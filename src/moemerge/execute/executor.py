@@ -26,9 +26,9 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -79,7 +79,7 @@ class Stream:
             out.append(run_layer(layer, h, self.calls(b)[index]))
         return out
 
-    def twin(self) -> "Stream":
+    def twin(self) -> Stream:
         """Same windows and hidden states, moving on independently from here."""
         other = object.__new__(Stream)
         other.ids, other._calls, other.hidden = self.ids, self._calls, list(self.hidden)

@@ -3,7 +3,8 @@
 :class:`ShardSink` takes each finished decoder layer (and the trunk at the end), names its tensors as
 ``save_pretrained`` would (per-expert hub names, through transformers' own conversion table), and writes it to disk at
 once as a part file, so memory never holds more than the layer at hand; at the end consecutive parts are joined, byte
-for byte, into shards of at most ``max_shard_bytes`` (5 GB by default) with the usual index. Everything goes into a hidden temporary folder beside the output, with a
+for byte, into shards of at most ``max_shard_bytes`` (5 GB by default) with the usual index. Everything goes into a
+hidden temporary folder beside the output, with a
 lock file naming the process; :meth:`ShardSink.commit` renames it into place only after :func:`verify` has read the
 whole checkpoint back, layer by layer: strict key and shape loading of every tensor into the output config's model
 (zero missing, unexpected or mismatched keys), and each layer read back reproducing the merged layer's output on the
@@ -25,7 +26,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import MoemergeError
-from .source import ShardSource, layers_prefix as _layers_prefix
+from .source import ShardSource
+from .source import layers_prefix as _layers_prefix
 from .trunk import Trunk, run_layer
 from .weights import INDEX_FILE, KeyConverter
 

@@ -155,7 +155,7 @@ class ShardSource(LayerSource):
                   and not n.startswith(layer_prefix)]
         if absent:
             raise MoemergeError(f"{self.folder}: the checkpoint lacks {absent[:3]}")
-        for name, module in self.model.named_children():
+        for module in self.model.children():
             _move_except(module, self.layers, self.device)
 
     def _cast(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

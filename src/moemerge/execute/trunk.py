@@ -14,9 +14,10 @@ The stubbed layers may be on the meta device: only the embeddings, rotary tables
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn

@@ -23,8 +23,8 @@ clustering inside a layer but wrong between layers: measured on the bundled tiny
 
 from __future__ import annotations
 
-from functools import lru_cache
-from typing import Callable
+from collections.abc import Callable
+from functools import cache
 
 import numpy as np
 
@@ -69,7 +69,7 @@ def allocate_block(num_experts: dict[int, int], budget: int, top_k: int, cost: C
         raise MoemergeError(f"cannot give layers {sorted(num_experts)} {budget} groups in all: needs between "
                             f"{sum(floor.values())} (top-k each) and {sum(num_experts.values())}")
 
-    @lru_cache(maxsize=None)
+    @cache
     def monotone(li: int, c: int) -> float:
         # cost(c) never below the cost with more groups: cummin from the full count downwards.
         value = cost(li, c)

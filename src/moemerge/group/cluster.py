@@ -7,7 +7,7 @@ HC-SMoE code's ``complete`` merged the farthest pair) and scikit-learn does k-me
 from __future__ import annotations
 
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 from scipy.cluster.hierarchy import cut_tree, linkage

@@ -47,11 +47,11 @@ class LayerPlan:
         return out
 
     @classmethod
-    def identity(cls, layer: int, num_experts: int) -> "LayerPlan":
+    def identity(cls, layer: int, num_experts: int) -> LayerPlan:
         return cls(layer, num_experts, [[e] for e in range(num_experts)], list(range(num_experts)))
 
     @classmethod
-    def from_labels(cls, layer: int, labels, dominant_of=None) -> "LayerPlan":
+    def from_labels(cls, layer: int, labels, dominant_of=None) -> LayerPlan:
         """Groups from cluster labels, ordered by their smallest member (so plans are deterministic);
         ``dominant_of(members) -> expert`` picks each dominant (default: the first member)."""
         labels = [int(x) for x in labels]
@@ -78,5 +78,5 @@ class MergePlan:
         return {str(li): asdict(p) for li, p in sorted(self.layers.items())}
 
     @classmethod
-    def from_json(cls, data: dict) -> "MergePlan":
+    def from_json(cls, data: dict) -> MergePlan:
         return cls({int(k): LayerPlan(**v) for k, v in data.items()})

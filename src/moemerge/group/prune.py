@@ -15,8 +15,8 @@ An expert never routed to scores 0 under every criterion (it is pruned first).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

@@ -8,8 +8,9 @@ dtype once. Methods live one per file in this package.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -72,7 +73,7 @@ class MergeMethod:
     # neurons to match or what to fit depends on the groups, so these statistics cannot come from the plan-independent
     # calibration: the executor calls this once the layer's plan is known, with the layer built and ``ctx.run``
     # pushing the layer's calibration inputs through it with the method's own accumulators hooked in.
-    layer_pass: Callable[["LayerPass"], dict[str, Any]] | None = None
+    layer_pass: Callable[[LayerPass], dict[str, Any]] | None = None
     # ``check_mode(mode)`` raises ValueError for a mode the method does not have (None: the method has no modes).
     check_mode: Callable[[str], None] | None = None
     neuron_matching: bool = False  # takes ``ingredient`` and ``data_limit``
@@ -162,7 +163,11 @@ def merge_layer(layer: MoeLayer, plan: LayerPlan, method: str, stats: Stats, mod
                        factors if any(f is not None for f in factors) else None)
 
 
-from . import average  # noqa: E402,F401  (registers the methods)
-from . import subspace  # noqa: E402,F401  (Sub-MoE)
-from . import align, weighted, zipit  # noqa: E402,F401  (HC-SMoE options, M-SMoE)
-from . import fit  # noqa: E402,F401  (output-fitted merge, MergeMoE)
+from . import (  # noqa: E402,F401  (HC-SMoE options, M-SMoE)
+    align,
+    average,  # noqa: E402,F401  (registers the methods)
+    fit,  # noqa: E402,F401  (output-fitted merge, MergeMoE)
+    subspace,  # noqa: E402,F401  (Sub-MoE)
+    weighted,
+    zipit,
+)

@@ -10,7 +10,8 @@ projection in closed form so that, over the calibration tokens routed to the gro
 with ``h(x)`` the merged intermediate activation: ``s·W h`` is what the merged expert adds under ``router: keep``
 (the slots of a group share it, so their weights add up) and ``y`` what the original block added. The normal
 equations give ``W = B (A + λI)⁻¹`` with ``A = Σ s² h hᵀ``, ``B = Σ s y hᵀ`` (accumulated by
-a plan-aware pass over the layer's calibration inputs, :class:`GroupFitAccumulator`) and GPTQ-style damping ``λ = damp·mean(diag A)``, solved in
+a plan-aware pass over the layer's calibration inputs, :class:`GroupFitAccumulator`) and GPTQ-style damping ``λ =
+damp·mean(diag A)``, solved in
 fp64. The result is kept only if it lowers the (undamped) objective below the starting average's, so ``fit`` never
 does worse than its start on the calibration objective.
 

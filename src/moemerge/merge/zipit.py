@@ -11,7 +11,8 @@ become one merged neuron, from a similarity ``K [nI, nI]`` between neurons (neur
 
 ``K`` (the ``ingredient``) is the correlation matrix of standardised neuron features: ``act`` = intermediate
 activations ``act(x W_gate) ⊙ (x W_up)`` on the calibration tokens routed to the group (accumulated in fp64 by
-:class:`GroupActivationMoments` in a plan-aware pass over the layer's calibration inputs); ``weight`` = the neurons' weight vectors ``[gate row, up row, down column]``;
+:class:`GroupActivationMoments` in a plan-aware pass over the layer's calibration inputs); ``weight`` = the neurons'
+weight vectors ``[gate row, up row, down column]``;
 ``act+weight`` = the sum of both correlation matrices (the correlation of the concatenated standardised features).
 
 ``mode``: ``normal`` averages members uniformly (α = 1/n); ``input-weight`` uses α = tokens routed to each member /
@@ -77,7 +78,8 @@ def weight_correlation(gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tenso
 def zip_features(similarity: torch.Tensor, inter: int) -> np.ndarray:
     """ZipIt rounds on a correlation matrix ``[m, m]`` of standardised features: cluster id (0..inter-1) per feature.
 
-    Each round merges every mutually-most-correlated pair (never below ``inter`` clusters); a merged cluster's feature is the mean of its members' standardised features, so its covariance with the
+    Each round merges every mutually-most-correlated pair (never below ``inter`` clusters); a merged cluster's feature
+    is the mean of its members' standardised features, so its covariance with the
     others is an average of entries of the matrix, and its correlation follows.
     """
     k = similarity.to(torch.float64).clone()
