@@ -100,3 +100,47 @@ def test_moemerge_formats_load_through_installed_classes(model_dirs, text_file, 
     assert type(loaded.model).__module__.startswith("moemerge.")
     with torch.no_grad():
         assert torch.isfinite(loaded.model(input_ids=torch.tensor([[5, 6, 7]])).logits).all()
+
+
+def test_run_killed_after_its_checkpoint_is_finished_by_the_same_command(model_dirs, text_file, tmp_path):
+    """SIGKILL once the checkpoint is in place (during the lm-eval of the merged model): the same command then
+    finds the complete checkpoint of the same recipe and model, keeps it, and writes the evaluation and report."""
+    import os
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "moemerge.cli", "merge", str(model_dirs["mixtral"]), "-o", str(out),
+            "--num-average-groups", "4", "--calibration", str(text_file), "--n-sentences", "4", "--seq-len", "32",
+            "--ppl", str(text_file), "--ppl-windows", "2", "--task", "bundled:tiny_cloze", "-q"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "MOEMERGE_CACHE": str(tmp_path / "cache")})
+    deadline = time.time() + 240
+    while time.time() < deadline and not (out / "merge_info.json").exists():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (out / "merge_info.json").exists() and not (out / "report.md").exists()
+    assert json.loads((out / "eval.json").read_text())["complete"] is False
+    weights = {f.name: f.stat().st_mtime_ns for f in out.glob("*.safetensors")}
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "MOEMERGE_CACHE": str(tmp_path / "cache")})
+    assert done.returncode == 0, done.stderr
+    assert "finishing its evaluation and report" in done.stderr
+    final = json.loads((out / "eval.json").read_text())
+    assert final["complete"] is True and final["lm_eval"]["after"] and (out / "report.md").exists()
+    assert {f.name: f.stat().st_mtime_ns for f in out.glob("*.safetensors")} == weights  # not merged again
+    again = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "pass --overwrite" in again.stderr  # a finished run is not redone
+
+
+def test_a_second_run_on_the_same_output_is_refused(model_dirs, text_file, tmp_path):
+    import os
+
+    out = tmp_path / "out"
+    busy = tmp_path / ".out.tmp-12345678"
+    busy.mkdir()
+    (busy / ".moemerge-lock").write_text(f"{os.getpid()}\n")  # a live process is writing
+    r = _merge(model_dirs["mixtral"], out, text_file)
+    _one_line(r, "another moemerge run is writing")
+    assert busy.exists() and not out.exists()

@@ -23,7 +23,7 @@ from .data import load_text
 from .errors import MoemergeError
 from .evaluate import default_ppl_sources, eval_texts
 from .execute.executor import Job, execute
-from .execute.sink import ShardSink, verify
+from .execute.sink import ShardSink, check_free, verify
 from .execute.source import LayerSource, ModelSource, ShardSource, meta_skeleton
 from .execute.weights import KeyConverter
 from .families import FamilySpec
@@ -235,7 +235,16 @@ def run(recipe: Recipe, progress: bool = True, loaded: LoadedModel | None = None
     if not recipe.model_path and loaded is None:
         raise MoemergeError("no model given (MODEL argument / model_path)")
     merging = recipe.merge != "no" and recipe.num_average_groups is not None
-    out = prepare_output(recipe.output_path, recipe.overwrite) if recipe.merge != "no" else None
+    out, finishing = None, False
+    if recipe.merge != "no":
+        try:
+            out = prepare_output(recipe.output_path, recipe.overwrite)
+        except MoemergeError:
+            out = Path(str(recipe.output_path)).expanduser()
+            finishing = unfinished(out)  # its checkpoint was written, its evaluation or report was not
+            if not finishing:
+                raise
+        check_free(out)
     if recipe.calibration and merging:
         load_text(recipe.calibration)  # a missing or unreadable local file fails here, before the model opens
     t0 = time.perf_counter()
@@ -253,9 +262,48 @@ def run(recipe: Recipe, progress: bool = True, loaded: LoadedModel | None = None
         config_dict = ckpt.config_dict
     try:
         return _run(recipe, source, tokenizer, name, local_dir, fp, config_dict, out, merging, progress, loaded,
-                    time.perf_counter() - t0)
+                    time.perf_counter() - t0, finishing)
     finally:
         source.close()
+
+
+def unfinished(out: Path) -> bool:
+    """A checkpoint folder that moemerge wrote whose run was stopped before its evaluation and report were done."""
+    if not (out / "merge_info.json").is_file():
+        return False
+    try:
+        return json.loads((out / "eval.json").read_text()).get("complete") is not True
+    except (OSError, json.JSONDecodeError):
+        return True
+
+
+def _same_run(out: Path, recipe: Recipe, fp: str) -> bool:
+    """Whether ``out`` was written by this very recipe (every option but ``overwrite``) from this very model."""
+    try:
+        info = json.loads((out / "merge_info.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    mine = recipe.model_dump(mode="json", exclude={"overwrite"})
+    theirs = {k: v for k, v in info.get("moemerge_recipe", {}).items() if k != "overwrite"}
+    return info.get("source_fingerprint") == fp and theirs == mine
+
+
+def _written_result(out: Path, recipe: Recipe) -> MergeResult:
+    """The result of a finished walk, read back from what it wrote (merge_info.json, the partial eval.json)."""
+    info = json.loads((out / "merge_info.json").read_text())
+    partial = json.loads((out / "eval.json").read_text()) if (out / "eval.json").is_file() else {}
+    plan = MergePlan.from_json(info["plan"]) if "plan" in info else None
+    stats = Stats({int(li): {"frequency": {"counts": torch.tensor(f, dtype=torch.float64),
+                                           "tokens": torch.tensor(1.0)}}
+                   for li, f in info.get("frequencies", {}).items()}, info.get("calibration", {}))
+    params = info.get("parameters", {})
+    result = MergeResult(recipe, plan, stats, params.get("before", 0), params.get("after", 0),
+                         dict(partial.get("timings_s", {})), partial.get("perplexity", {}).get("before", {}),
+                         partial.get("perplexity", {}).get("after", {}))
+    result.fidelity = partial.get("fidelity")
+    result.file_bytes_before = partial.get("file_bytes", {}).get("before")
+    result.saved = SaveReport(out, params.get("after", 0), _folder_bytes(out), 0.0, [], [])
+    return result
 
 
 def _config_dict(local_dir: Path | None, model) -> dict:
@@ -266,12 +314,15 @@ def _config_dict(local_dir: Path | None, model) -> dict:
 
 def _run(recipe: Recipe, source: LayerSource, tokenizer, name: str, local_dir: Path | None, fp: str,
          config_dict: dict, out: Path | None, merging: bool, progress: bool, loaded: LoadedModel | None,
-         load_s: float) -> MergeResult:
+         load_s: float, finishing: bool = False) -> MergeResult:
     from .evaluate import fidelity as fid
     from .evaluate.lm_eval import evaluate_tasks, resolve_tasks
 
     validate_for_model(recipe, source)
     recipe = resolved(recipe, source.config)
+    if finishing and not _same_run(out, recipe, fp):
+        raise MoemergeError(f"output folder {str(out)!r} exists (written by another recipe or model); pass "
+                            f"--overwrite to replace it")
     settings = calibration_settings(recipe, source.config)
     sources = [] if recipe.ppl in (["none"], []) else recipe.ppl
     texts = eval_texts(tokenizer, sources, recipe.eval_seq_len or settings.seq_len, recipe.ppl_windows)
@@ -295,6 +346,11 @@ def _run(recipe: Recipe, source: LayerSource, tokenizer, name: str, local_dir: P
         del whole
     timings["eval_before"] = time.perf_counter() - t0
 
+    if finishing:  # the checkpoint is there: only what came after it is redone
+        LOG.warning("%s: checkpoint complete, finishing its evaluation and report", out)
+        result = _written_result(out, recipe)
+        result.timings.update(timings)
+        return _after_checkpoint(result, recipe, tokenizer, tasks, gen_ref, lm_before, loaded, dtype, source, out)
     sink = None
     if out is not None:
         sink = ShardSink(out, KeyConverter(meta_skeleton(source.config, dtype)), parse_size(recipe.max_shard_size))
@@ -309,6 +365,7 @@ def _run(recipe: Recipe, source: LayerSource, tokenizer, name: str, local_dir: P
         if sink is not None:
             t0 = time.perf_counter()
             result.saved = _finish_checkpoint(sink, source, outcome, result, tokenizer, name, fp, config_dict, dtype)
+
             result.timings["save"] = result.timings.get("save", 0.0) + time.perf_counter() - t0
     except BaseException:
         if sink is not None:
@@ -316,8 +373,18 @@ def _run(recipe: Recipe, source: LayerSource, tokenizer, name: str, local_dir: P
         raise
     if loaded is not None and outcome.plan is not None:
         set_expert_count(loaded.model.config, source.family, outcome.plan, recipe.router)
+    return _after_checkpoint(result, recipe, tokenizer, tasks, gen_ref, lm_before, loaded, dtype, source, out)
 
-    # After: lm-eval and generations on the merged model (in memory, or read back from the checkpoint).
+
+def _after_checkpoint(result: MergeResult, recipe: Recipe, tokenizer, tasks, gen_ref, lm_before,
+                      loaded: LoadedModel | None, dtype: torch.dtype, source: LayerSource, out: Path | None
+                      ) -> MergeResult:
+    """lm-eval and generations on the merged model (in memory, or read back from the checkpoint), plots, eval.json
+    (marked complete last, so a run stopped before is finished by the same command) and the report."""
+    from .evaluate import fidelity as fid
+    from .evaluate.lm_eval import evaluate_tasks
+
+    pad_id = getattr(tokenizer, "pad_token_id", None)
     t0 = time.perf_counter()
     if result.saved is not None and (tasks or gen_ref is not None):
         whole = loaded.model if loaded is not None else _load_whole(result.saved.path, dtype, source.device)
@@ -334,14 +401,16 @@ def _run(recipe: Recipe, source: LayerSource, tokenizer, name: str, local_dir: P
 
         experts_per_layer({li: p.num_experts for li, p in result.plan.layers.items()}, result.plan.counts(),
                           Path(result.saved.path) / "experts_per_layer.png")
-    result_path = Path(recipe.result_path) if recipe.result_path else (out / "eval.json" if out else None)
-    if result_path is not None:
-        result_path.parent.mkdir(parents=True, exist_ok=True)
-        result_path.write_text(json.dumps(result.summary(), indent=2))
     if recipe.report and result.saved is not None:
         from .evaluate.report_page import write_report
 
         result.report_path = write_report(result, result.saved.path)
+    paths = {Path(recipe.result_path)} if recipe.result_path else set()
+    if out is not None:
+        paths.add(out / "eval.json")
+    for path in paths:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({**result.summary(), "complete": True}, indent=2))
     return result
 
 
@@ -364,6 +433,7 @@ def _finish_checkpoint(sink: ShardSink, source: LayerSource, outcome, result: Me
     for fname, text in extra.items():
         sink.write_text(fname, text)
     sink.write_text("merge_info.json", json.dumps(merge_info(result, name, fp), indent=2, default=str))
+    sink.write_text("eval.json", json.dumps({**result.summary(), "complete": False}, indent=2))
     diff = verify(sink.tmp, outcome.probe, dtype, source.device, config=_output_config(new_config))
     path = sink.commit(result.recipe.overwrite)
     return SaveReport(path, result.parameters_after, sink.total_bytes, diff, [], [])

@@ -57,6 +57,14 @@ def clear_stale(out: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def check_free(out: Path) -> None:
+    """Refuse an output another live moemerge run is writing (after clearing what killed runs left behind)."""
+    clear_stale(out)
+    for tmp in out.parent.glob(f".{out.name}.tmp-*"):
+        raise MoemergeError(f"another moemerge run is writing {out} (its temporary folder {tmp.name} is locked by "
+                            f"a live process); wait for it or choose another --output")
+
+
 class ShardSink:
     """An output checkpoint folder written part by part: each :meth:`add` (a decoder layer, the trunk) goes to disk
     at once as a part file, so memory never holds more than the piece being added; :meth:`close_shards` then joins
@@ -66,10 +74,7 @@ class ShardSink:
         self.out = Path(out)
         self.converter = converter
         self.max_shard_bytes = max_shard_bytes
-        clear_stale(self.out)
-        for tmp in self.out.parent.glob(f".{self.out.name}.tmp-*"):
-            raise MoemergeError(f"another moemerge run is writing {self.out} (its temporary folder {tmp.name} is "
-                                f"locked by a live process); wait for it or choose another --output")
+        check_free(self.out)
         self.tmp = self.out.parent / f".{self.out.name}.tmp-{uuid.uuid4().hex[:8]}"
         self.tmp.mkdir()
         (self.tmp / LOCK_FILE).write_text(f"{os.getpid()}\n")
