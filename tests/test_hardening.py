@@ -144,3 +144,33 @@ def test_a_second_run_on_the_same_output_is_refused(model_dirs, text_file, tmp_p
     r = _merge(model_dirs["mixtral"], out, text_file)
     _one_line(r, "another moemerge run is writing")
     assert busy.exists() and not out.exists()
+
+
+# ---- a newcomer's first hour ---------------------------------------------------------------------------------------
+def test_the_cli_imports_neither_torch_nor_transformers():
+    probe = "import sys, moemerge.cli; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert r.stdout.strip() == "[]", r.stdout + r.stderr
+
+
+def test_merge_help_shows_defaults_and_choices():
+    r = _cli("merge", "--help")
+    assert r.returncode == 0
+    text = " ".join(r.stdout.split())
+    assert "default: hc" not in text  # presets are not defaults
+    assert "default: freq" in text and "choices: " in text and "reap" in text  # --merge default, --prune choices
+
+
+def test_demo_never_deletes_an_existing_folder(tmp_path):
+    keep = tmp_path / "mine"
+    keep.mkdir()
+    (keep / "notes.txt").write_text("precious")
+    r = _cli("demo", "-o", str(keep), "-q")
+    _one_line(r, "exists", "--overwrite")
+    assert (keep / "notes.txt").read_text() == "precious"
+
+
+def test_bundled_model_names_work_as_model_paths(tmp_path):
+    r = _cli("eval", "tiny-mixtral", "--ppl", "bundled:test", "--ppl-windows", "2", "--seq-len", "64", "-q")
+    assert r.returncode == 0, r.stderr
+    assert "tiny-mixtral" in r.stdout

@@ -33,6 +33,28 @@ def _click_type(name: str, annotation) -> tuple[Any, bool]:
     return {int: int, float: float, bool: bool}.get(base, str), False
 
 
+class RecipeOption(click.Option):
+    """A recipe field as an option: its help shows the recipe's default and, for method-valued fields, the
+    registered choices, looked up only when help is shown (the registries import torch; ``--help`` of the command
+    group and input errors stay instant)."""
+
+    def __init__(self, *args, field: str, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.field = field
+
+    def get_help_record(self, ctx: click.Context):
+        record = super().get_help_record(ctx)
+        if record is None:
+            return None
+        extra = []
+        if self.field in _METHOD_FIELDS:
+            extra.append(f"choices: {', '.join(_METHOD_FIELDS[self.field]())}")
+        default = Recipe.model_fields[self.field].default
+        if default not in (None, [], ()):
+            extra.append(f"default: {default}")
+        return record[0], record[1] + (f"  [{'; '.join(extra)}]" if extra else "")
+
+
 def recipe_options(skip: tuple[str, ...] = ()) -> Callable:
     """Decorator adding one option per recipe field (both dash and underscore spellings)."""
 
@@ -45,14 +67,12 @@ def recipe_options(skip: tuple[str, ...] = ()) -> Callable:
             decls = [dashed] if dashed == under else [dashed, under]
             decls += _ALIASES.get(name, [])
             help_text = info.description or ""
-            if name in _METHOD_FIELDS:
-                help_text += f" [{'|'.join(_METHOD_FIELDS[name]())}]"
             if ctype is bool:
                 flags = [f"{dashed}/--no-{name.replace('_', '-')}"]
-                fn = click.option(*flags, name, default=None, help=help_text)(fn)
+                fn = click.option(*flags, name, default=None, help=help_text, cls=RecipeOption, field=name)(fn)
             else:
-                fn = click.option(*decls, name, type=ctype, multiple=multiple, default=None,
-                                  help=help_text)(fn)
+                fn = click.option(*decls, name, type=ctype, multiple=multiple, default=None, help=help_text,
+                                  cls=RecipeOption, field=name)(fn)
         return fn
 
     return deco
@@ -71,7 +91,7 @@ def _method_names(field: str) -> Callable[[], list[str]]:
 
 
 _METHOD_FIELDS = {f: _method_names(f) for f in ("dominant", "similarity_base", "cluster", "linkage", "merge",
-                                                "router", "router_adapt")}
+                                                "router", "router_adapt", "prune")}
 
 
 def _given(options: dict) -> dict:
@@ -247,8 +267,9 @@ def analyze(model: str, output: str | None, compare: str | None, calibration: st
 @click.option("--router", "--format", "router", default="collapse", show_default=True,
               help="Checkpoint format: keep, collapse, mapped, ...")
 @click.option("--recipe", "recipe_name", default="hc-smoe", show_default=True, help="Preset to run.")
+@click.option("--overwrite", is_flag=True, help="Replace --output if it exists (never done without this flag).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def demo(model_name: str | None, output: str | None, groups: int | None, router: str, recipe_name: str,
+def demo(model_name: str | None, output: str | None, groups: int | None, router: str, recipe_name: str, overwrite: bool,
          quiet: bool) -> None:
     """Merge a bundled tiny MoE model with the bundled text and print the before/after table (offline).
 
@@ -268,7 +289,7 @@ def demo(model_name: str | None, output: str | None, groups: int | None, router:
         recipe = Recipe.load(recipe_name, model_path=str(path), output_path=out, calibration="bundled",
                              num_average_groups=groups or max(experts // 2, config["num_experts_per_tok"]),
                              n_sentences=32, seq_len=256, ppl=["bundled:test"], ppl_windows=64, router=router,
-                             overwrite=output is not None)
+                             overwrite=overwrite)
         from .pipeline import run
 
         result = run(recipe, progress=not quiet)

@@ -86,7 +86,7 @@ def load_model(source: str, dtype: str | None = "auto", device: str | None = "au
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    path = Path(source).expanduser()
+    path = local_path(source)
     if path.exists():
         if not (path / "config.json").is_file():
             raise MoemergeError(f"model folder {source!r} has no config.json")
@@ -142,6 +142,13 @@ class Checkpoint:
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "tokenizer*"]
 
 
+def local_path(source: str) -> Path:
+    """A model argument as a path: a bundled model's name (``tiny-mixtral``) works wherever a folder does."""
+    from . import zoo
+
+    return zoo.model_path(source) if source in zoo.MODELS else Path(source).expanduser()
+
+
 def open_checkpoint(source: str) -> Checkpoint:
     """A local folder, or a hub id downloaded (safetensors, config and tokenizer files only) to the hub cache; then
     the config and tokenizer, checked to be a MoE family moemerge can merge. No weight is read."""
@@ -149,7 +156,7 @@ def open_checkpoint(source: str) -> Checkpoint:
 
     from .save.remote import registered  # noqa: F401  (moemerge's own mapped model types)
 
-    path = Path(source).expanduser()
+    path = local_path(source)
     if path.exists():
         if not (path / "config.json").is_file():
             raise MoemergeError(f"model folder {source!r} has no config.json")
