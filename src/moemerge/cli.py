@@ -99,8 +99,16 @@ def _given(options: dict) -> dict:
             if v is not None and v != ()}
 
 
+def _rank() -> int | None:
+    """This process's rank under torchrun / accelerate launch, None when started alone."""
+    import os
+
+    return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+
+
 def _fail(exc: Exception) -> None:
-    click.echo(f"error: {exc}", err=True)
+    rank = _rank()
+    click.echo(f"error: {'' if rank is None else f'rank {rank}: '}{exc}", err=True)
     sys.exit(2)
 
 
@@ -121,6 +129,10 @@ def _setup_logging(verbose: bool, quiet: bool = False) -> None:
 @click.version_option(package_name="moemerge")
 def main() -> None:
     """moemerge: merge and prune the experts of Mixture-of-Experts language models, without retraining."""
+    import signal
+
+    # SIGTERM (a launcher stopping the job, a killed peer rank) unwinds like Ctrl-C: temporary output is removed
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 @main.command(context_settings={"max_content_width": 120})
@@ -147,6 +159,14 @@ def merge(model: str | None, output: str | None, recipe_file: str | None, quiet:
     except MoemergeError as exc:
         _fail(exc)
         return
+    except RuntimeError as exc:  # torch.distributed: a collective timed out or a peer went away
+        if _rank() is None:
+            raise
+        _fail(MoemergeError(f"the distributed job failed ({str(exc).splitlines()[0]}); see the first failing "
+                            f"rank's error"))
+        return
+    if (_rank() or 0) != 0:
+        return  # rank 0 prints and writes; the other ranks only compute
     from .report import print_summary
 
     print_summary(result)

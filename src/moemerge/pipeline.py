@@ -19,6 +19,7 @@ import torch
 
 from .calibrate import CalibrationSettings, Stats, calibration_windows
 from .calibrate.cache import StatsCache, cache_key, versions
+from .calibrate.ranks import SINGLE, Ranks, from_environment
 from .data import load_text
 from .errors import MoemergeError
 from .evaluate import default_ppl_sources, eval_texts
@@ -138,14 +139,16 @@ def validate_for_model(recipe: Recipe, source: LayerSource) -> None:
 
 
 # ---- the executor's inputs -----------------------------------------------------------------------------------------
-def job_for(recipe: Recipe, tokenizer, config, fp: str, progress: bool) -> Job:
-    """The executor's inputs for ``recipe``: calibration windows, their provenance and cache."""
+def job_for(recipe: Recipe, tokenizer, config, fp: str, progress: bool, ranks: Ranks = SINGLE) -> Job:
+    """The executor's inputs for ``recipe``: calibration windows (this rank's share of them), their provenance and
+    cache."""
     settings = calibration_settings(recipe, config)
-    job = Job(progress=progress, eval_batch_size=recipe.eval_batch_size, fidelity=recipe.fidelity)
+    job = Job(progress=progress and ranks.main, eval_batch_size=recipe.eval_batch_size, fidelity=recipe.fidelity,
+              ranks=ranks)
     if recipe.merge != "no" and recipe.num_average_groups is not None:
         wins, description = calibration_windows(tokenizer, settings)
-        key = cache_key(fp, wins)
-        job.windows = wins
+        key = cache_key(fp, wins)  # the whole job's windows, whatever the number of ranks
+        job.windows = ranks.share(wins)
         job.meta = {"model": recipe.model_path, "model_fingerprint": fp, "calibration": description,
                     "windows": list(wins.shape), "cache_key": key, "sequential": recipe.sequential}
         job.cache = StatsCache(cache_root(), key) if settings.use_cache else None
@@ -234,9 +237,10 @@ def run(recipe: Recipe, progress: bool = True, loaded: LoadedModel | None = None
 
     if not recipe.model_path and loaded is None:
         raise MoemergeError("no model given (MODEL argument / model_path)")
+    ranks = from_environment()  # torchrun / accelerate launch: this process's share of a data-parallel job
     merging = recipe.merge != "no" and recipe.num_average_groups is not None
     out, finishing = None, False
-    if recipe.merge != "no":
+    if recipe.merge != "no" and ranks.main:  # rank 0 writes; the other ranks only compute
         try:
             out = prepare_output(recipe.output_path, recipe.overwrite)
         except MoemergeError:
@@ -262,7 +266,7 @@ def run(recipe: Recipe, progress: bool = True, loaded: LoadedModel | None = None
         config_dict = ckpt.config_dict
     try:
         return _run(recipe, source, tokenizer, name, local_dir, fp, config_dict, out, merging, progress, loaded,
-                    time.perf_counter() - t0, finishing)
+                    time.perf_counter() - t0, finishing, ranks)
     finally:
         source.close()
 
@@ -314,7 +318,7 @@ def _config_dict(local_dir: Path | None, model) -> dict:
 
 def _run(recipe: Recipe, source: LayerSource, tokenizer, name: str, local_dir: Path | None, fp: str,
          config_dict: dict, out: Path | None, merging: bool, progress: bool, loaded: LoadedModel | None,
-         load_s: float, finishing: bool = False) -> MergeResult:
+         load_s: float, finishing: bool = False, ranks: Ranks = SINGLE) -> MergeResult:
     from .evaluate import fidelity as fid
     from .evaluate.lm_eval import evaluate_tasks, resolve_tasks
 
@@ -329,15 +333,16 @@ def _run(recipe: Recipe, source: LayerSource, tokenizer, name: str, local_dir: P
     tasks = resolve_tasks(recipe.task) if recipe.task else None  # local task files are checked before any work
     pad_id = getattr(tokenizer, "pad_token_id", None)
     dtype = next((p.dtype for p in source.model.parameters() if p.is_floating_point()), torch.float32)
-    job = job_for(recipe, tokenizer, source.config, fp, progress)
-    job.eval_windows = {t.name: t.windows for t in texts}
+    finishing = ranks.broadcast(finishing)  # rank 0 looked at the output folder
+    job = job_for(recipe, tokenizer, source.config, fp, progress, ranks)
+    job.eval_windows = {t.name: ranks.share(t.windows) for t in texts}
     small = local_dir is None or _folder_bytes(local_dir) <= GENERATION_MAX_BYTES
     timings = {"load": load_s}
 
     # What needs the whole original model (lm-eval, generations) is measured first, one model at a time.
     t0 = time.perf_counter()
     lm_before, gen_ref = None, None
-    if tasks or (recipe.fidelity and texts and merging and small):
+    if ranks.main and (tasks or (recipe.fidelity and texts and merging and small)):
         whole = loaded.model if loaded is not None else _load_whole(local_dir, dtype, source.device)
         lm_before = evaluate_tasks(whole, tokenizer, tasks, recipe.num_fewshot, recipe.eval_batch_size) \
             if tasks else None
@@ -346,6 +351,8 @@ def _run(recipe: Recipe, source: LayerSource, tokenizer, name: str, local_dir: P
         del whole
     timings["eval_before"] = time.perf_counter() - t0
 
+    if finishing and not ranks.main:
+        return MergeResult(recipe, None, None, 0, 0)
     if finishing:  # the checkpoint is there: only what came after it is redone
         LOG.warning("%s: checkpoint complete, finishing its evaluation and report", out)
         result = _written_result(out, recipe)
@@ -373,6 +380,8 @@ def _run(recipe: Recipe, source: LayerSource, tokenizer, name: str, local_dir: P
         raise
     if loaded is not None and outcome.plan is not None:
         set_expert_count(loaded.model.config, source.family, outcome.plan, recipe.router)
+    if not ranks.main:
+        return result
     return _after_checkpoint(result, recipe, tokenizer, tasks, gen_ref, lm_before, loaded, dtype, source, out)
 
 

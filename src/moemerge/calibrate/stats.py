@@ -80,8 +80,18 @@ class Statistic:
     def update(self, batch: LayerBatch) -> None:
         raise NotImplementedError
 
+    def reduce(self, ranks) -> None:
+        """Combine this statistic over the ranks of a distributed job (:mod:`.ranks`): sums are summed."""
+        ranks.sum_fields(self.sums)
+
     def result(self) -> dict[str, torch.Tensor]:
         return {k: v.cpu() for k, v in self.sums.items()}
+
+
+def _rank() -> int:
+    """This process's rank in a distributed job (0 alone)."""
+    return torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() \
+        else 0
 
 
 STATISTICS: Registry[type[Statistic]] = Registry("statistic")
@@ -200,6 +210,9 @@ class WeightGram(Statistic):
     """Gram matrix ``[E, E]`` of the experts' flattened (gate, up, down) weights, fp64: the ``weight`` similarity
     base as a statistic, taken while the layer is built, so that plans over every layer need no weights in memory."""
 
+    def reduce(self, ranks) -> None:
+        """Every rank computed it from the same weights: nothing to combine."""
+
     def update(self, batch: LayerBatch) -> None:
         if "gram" in self.sums:
             return
@@ -235,7 +248,7 @@ class RouterInputs(Statistic):
 
     def __init__(self, layer: MoeLayer, device: torch.device) -> None:
         super().__init__(layer, device)
-        self.generator = torch.Generator().manual_seed(1000 + layer.index)
+        self.generator = torch.Generator().manual_seed(1000 + layer.index + 7919 * _rank())
         self.keys: torch.Tensor | None = None
 
     def update(self, batch: LayerBatch) -> None:
@@ -244,7 +257,20 @@ class RouterInputs(Statistic):
         keys = torch.rand(x.shape[0], generator=self.generator).to(x.device)
         if self.keys is not None:
             x, keys = torch.cat([self.sums["x"], x]), torch.cat([self.keys, keys])
+        self._keep(x, keys, cap)
+
+    def _keep(self, x: torch.Tensor, keys: torch.Tensor, cap: int) -> None:
         if x.shape[0] > cap:
             keep = torch.topk(keys, cap, largest=False).indices.sort().values
             x, keys = x[keep], keys[keep]
         self.sums["x"], self.keys = x, keys
+
+    def reduce(self, ranks) -> None:
+        """The bottom-k of every rank's candidates: a uniform sample of all ranks' tokens, the same on every rank
+        (each rank draws its keys from a generator seeded by the layer and the rank)."""
+        if not ranks.distributed:
+            return
+        parts = ranks.gather((self.sums["x"].cpu(), self.keys.cpu()))
+        x = torch.cat([p[0] for p in parts]).to(self.sums["x"].device)
+        keys = torch.cat([p[1] for p in parts]).to(x.device)
+        self._keep(x, keys, max(512, min(8192, (1 << 23) // x.shape[1])))

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from ..calibrate import Stats
 from ..calibrate.cache import StatsCache
 from ..calibrate.observer import Observer
+from ..calibrate.ranks import SINGLE, Ranks
 from ..errors import MoemergeError
 from ..families import MoeLayer
 from ..group import merged_layers, needed_statistics, needs_all_layers, plan_groups
@@ -145,6 +146,7 @@ class Job:
     plan: MergePlan | None = None  # use this plan instead of grouping
     stats: Stats | None = None  # statistics already at hand (not recomputed)
     passes_only: bool = False  # run the merge method's plan-aware passes into the statistics, merge nothing
+    ranks: Ranks = SINGLE  # a distributed job: ``windows`` and ``eval_windows`` are this rank's share
 
 
 def execute(source: LayerSource, recipe: Recipe, job: Job) -> Outcome:
@@ -190,6 +192,9 @@ class _Walk:
             self.missing[li] = [n for n in self.names if n not in got]
             if got and not self.missing[li]:
                 cached_layers.append(li)
+        if job.ranks.distributed:  # rank 0's cache is the truth: every rank must compute the same statistics
+            self.stats.layers, self.missing, cached_layers = job.ranks.broadcast(
+                (self.stats.layers, self.missing, cached_layers))
         self.stats.meta["from_cache"] = sorted(self.names) if cached_layers and not any(self.missing.values()) \
             else sorted({n for li in self.targets for n in self.names if n not in self.missing[li]})
         self.stats.meta["layers_from_cache"] = cached_layers
@@ -216,6 +221,8 @@ class _Walk:
             observer.accumulators = {index: accumulators}
         with observer.attached(), torch.no_grad():
             outputs = stream.through(layer, index, until)
+        for acc in observer.accumulators.get(index, []):
+            acc.reduce(self.job.ranks)  # a distributed job: combine the ranks' shares once the layer is through
         if accumulators is None:
             self._fresh = observer.results().get(index, {})
         return outputs
@@ -233,7 +240,9 @@ class _Walk:
             if any(self.missing.values()):
                 self._walk(plan_only=True)
             with self.clock("group"):
-                self.plan = plan_groups(recipe, self.stats, list(self.views.values()), self.top_k)
+                if self.job.ranks.main:
+                    self.plan = plan_groups(recipe, self.stats, list(self.views.values()), self.top_k)
+                self.plan = self.job.ranks.broadcast(self.plan)  # one plan for every rank
                 check_plan(self.plan, recipe.router, self.top_k)
         self._walk(plan_only=False)
         self.out.timings = dict(self.clock.totals)
@@ -282,7 +291,7 @@ class _Walk:
                     with self.clock("calibrate"):
                         calib_out = self._observe(layer, view, calib, i, self.missing[i])
                     self.stats.layers.setdefault(i, {}).update(self._fresh)
-                    if self.cache is not None:
+                    if self.cache is not None and job.ranks.main:
                         self.cache.save(i, self._fresh, self.stats.meta)
                     self.missing[i] = []
                 if not plan_only and self.merging and i in self.targets:
@@ -371,7 +380,9 @@ class _Walk:
         recipe = self.recipe
         with self.clock("group"):
             if per_layer_plan:
-                layer_plan = plan_groups(recipe, self.stats, [view], self.top_k).layers[i]
+                layer_plan = plan_groups(recipe, self.stats, [view], self.top_k).layers[i] \
+                    if self.job.ranks.main else None
+                layer_plan = self.job.ranks.broadcast(layer_plan)
                 check_plan(MergePlan({i: layer_plan}), recipe.router, self.top_k)
             else:
                 layer_plan = self.plan.layers[i]
@@ -430,11 +441,14 @@ class _Walk:
             for name, stream in evals.items():
                 other = merged_evals[name] if merged_evals is not None else None
                 fid = self.job.fidelity and name == first and other is not None
-                before, after, kl, top1, count = _score(self.trunk, stream, other, fid)
-                self.out.nll_before[name] = before
-                self.out.nll_after[name] = after if other is not None else before
+                sums = torch.tensor(_score(self.trunk, stream, other, fid), dtype=torch.float64)
+                self.job.ranks.sum_(sums)  # each rank scored its share of the windows
+                nll0, nll1, kl_sum, agree, count = sums.tolist()
+                self.out.nll_before[name] = (nll0, int(count))
+                self.out.nll_after[name] = (nll1, int(count)) if other is not None else (nll0, int(count))
                 if fid:
-                    self.out.fidelity = {"kl": kl, "top1": top1, "tokens": count, "text": name}
+                    self.out.fidelity = {"kl": kl_sum / max(count, 1), "top1": agree / max(count, 1),
+                                         "tokens": int(count), "text": name}
             if probe is not None:
                 self.out.probe["logits"] = self.trunk.logits(probe.ids[0].to(self.device), probe.hidden[0]).cpu()
 
@@ -465,9 +479,9 @@ def _head_logprobs(trunk: Trunk, ids: torch.Tensor, hidden: torch.Tensor) -> Ite
 
 
 def _score(trunk: Trunk, stream: Stream, other: Stream | None, fidelity: bool
-           ) -> tuple[tuple[float, int], tuple[float, int], float, float, int]:
-    """Summed NLL and token count of the original (``stream``) and merged (``other``) final hidden states, and the
-    mean KL(original ‖ merged) and top-1 agreement per token when ``fidelity``."""
+           ) -> tuple[float, float, float, float, int]:
+    """Sums over the windows' tokens: NLL of the original (``stream``) and merged (``other``) final hidden states,
+    KL(original ‖ merged) and top-1 agreements when ``fidelity``, and the token count."""
     nll0 = nll1 = kl_sum = agree = 0.0
     count = 0
     for b, ids in enumerate(stream.ids):
@@ -485,9 +499,7 @@ def _score(trunk: Trunk, stream: Stream, other: Stream | None, fidelity: bool
                     kl = torch.where(p0 > 0, p0 * (logp0 - logp1), torch.zeros_like(p0)).sum(-1)
                     kl_sum += float(kl.double().sum())
                     agree += float((logp0.argmax(-1) == logp1.argmax(-1)).double().sum())
-    kl = kl_sum / max(count, 1)
-    top1 = agree / max(count, 1)
-    return (nll0, count), (nll1, count), kl, top1, count
+    return nll0, nll1, kl_sum, agree, count
 
 
 def layer_passes(model: nn.Module, recipe: Recipe, plan: MergePlan, stats: Stats, windows: torch.Tensor,

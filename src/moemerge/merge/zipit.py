@@ -222,6 +222,13 @@ class GroupActivationMoments(Statistic):
     def full(self) -> bool:
         return self.data_limit is not None and all(c >= self.data_limit for c in self.counts.values())
 
+    def reduce(self, ranks) -> None:
+        """Sums and token counts over ranks (with ``data_limit`` each rank stops at the limit on its own share)."""
+        ranks.sum_fields(self.sums)
+        counts = torch.tensor([float(self.counts[i]) for i in range(len(self.groups))], dtype=torch.float64)
+        ranks.sum_(counts)
+        self.counts = {i: int(c) for i, c in enumerate(counts.tolist())}
+
     def update(self, batch: LayerBatch) -> None:
         gate_up, _ = self.layer.expert_weights()
         routed = batch.routed_mask()  # [E, T]

@@ -38,6 +38,16 @@ class RoutedOutputSample:
     def full(self) -> bool:
         return self.count >= self.max_tokens
 
+    def reduce(self, ranks) -> None:
+        """Every rank's pairs in rank order, cut to ``max_tokens``: the same sample on every rank."""
+        if not ranks.distributed:
+            return
+        parts = ranks.gather((torch.cat(self.hidden) if self.hidden else None,
+                              torch.cat(self.target) if self.target else None))
+        hidden = torch.cat([h for h, _ in parts if h is not None])[:self.max_tokens]
+        target = torch.cat([t for _, t in parts if t is not None])[:self.max_tokens]
+        self.hidden, self.target, self.count = [hidden], [target], int(hidden.shape[0])
+
     @torch.no_grad()
     def update(self, batch) -> None:
         room = self.max_tokens - self.count
