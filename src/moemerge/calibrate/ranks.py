@@ -12,7 +12,7 @@ A plain ``moemerge merge`` is one rank (:data:`SINGLE`), and none of this code r
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch
@@ -25,6 +25,7 @@ TIMEOUT_S = int(os.environ.get("MOEMERGE_DIST_TIMEOUT", "600"))
 class Ranks:
     rank: int = 0
     world: int = 1
+    traffic: dict = field(default_factory=lambda: {"bytes": 0}, compare=False)  # payload bytes this rank reduced
 
     @property
     def main(self) -> bool:
@@ -50,6 +51,7 @@ class Ranks:
         """In-place sum over ranks (fp64 sums stay fp64)."""
         if self.distributed:
             torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+            self.traffic["bytes"] += tensor.numel() * tensor.element_size()
 
     def gather(self, obj: object) -> list:
         """``obj`` of every rank, in rank order, on every rank."""

@@ -353,6 +353,9 @@ class _Walk:
             self.out.router_fit = self.router_fit or None
         self.out.parameters_after = self._parameters_after()
         self._finish(evals, merged_evals, probe)
+        if job.ranks.distributed:
+            self.stats.meta["ranks"] = job.ranks.world
+            self.stats.meta["all_reduce_bytes_per_layer"] = job.ranks.traffic["bytes"] // max(1, last + 1)
 
     def _parameters_after(self) -> int:
         if self.source.resident:
