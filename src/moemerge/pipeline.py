@@ -339,17 +339,24 @@ def _run(recipe: Recipe, source: LayerSource, tokenizer, name: str, local_dir: P
     small = local_dir is None or _folder_bytes(local_dir) <= GENERATION_MAX_BYTES
     timings = {"load": load_s}
 
-    # What needs the whole original model (lm-eval, generations) is measured first, one model at a time.
-    t0 = time.perf_counter()
-    lm_before, gen_ref = None, None
-    if ranks.main and (tasks or (recipe.fidelity and texts and merging and small)):
-        whole = loaded.model if loaded is not None else _load_whole(local_dir, dtype, source.device)
-        lm_before = evaluate_tasks(whole, tokenizer, tasks, recipe.num_fewshot, recipe.eval_batch_size) \
-            if tasks else None
-        if recipe.fidelity and texts and merging and small:
-            gen_ref = fid.reference(whole, texts[0].windows[:1], count=1, pad_token_id=pad_id)
-        del whole
-    timings["eval_before"] = time.perf_counter() - t0
+    def original_measures() -> tuple:
+        """What needs the whole original model (lm-eval, generations), one model in memory at a time."""
+        t0 = time.perf_counter()
+        lm, ref = None, None
+        if ranks.main and (tasks or (recipe.fidelity and texts and merging and small)):
+            whole = loaded.model if loaded is not None else _load_whole(local_dir, dtype, source.device,
+                                                                        recipe.device_map)
+            lm = evaluate_tasks(whole, tokenizer, tasks, recipe.num_fewshot, recipe.eval_batch_size) \
+                if tasks else None
+            if recipe.fidelity and texts and merging and small:
+                ref = fid.reference(whole, texts[0].windows[:3], count=1, pad_token_id=pad_id)
+            del whole
+        timings["eval_before"] = time.perf_counter() - t0
+        return lm, ref
+
+    # A model merged in place must be measured before the walk changes it; a streamed one is still on disk after,
+    # and measuring it then keeps the other ranks of a distributed job from waiting on rank 0's lm-eval.
+    lm_before, gen_ref = original_measures() if loaded is not None or finishing else (None, None)
 
     if finishing and not ranks.main:
         return MergeResult(recipe, None, None, 0, 0)
@@ -382,6 +389,8 @@ def _run(recipe: Recipe, source: LayerSource, tokenizer, name: str, local_dir: P
         set_expert_count(loaded.model.config, source.family, outcome.plan, recipe.router)
     if not ranks.main:
         return result
+    if loaded is None:
+        lm_before, gen_ref = original_measures()
     return _after_checkpoint(result, recipe, tokenizer, tasks, gen_ref, lm_before, loaded, dtype, source, out)
 
 
@@ -396,7 +405,8 @@ def _after_checkpoint(result: MergeResult, recipe: Recipe, tokenizer, tasks, gen
     pad_id = getattr(tokenizer, "pad_token_id", None)
     t0 = time.perf_counter()
     if result.saved is not None and (tasks or gen_ref is not None):
-        whole = loaded.model if loaded is not None else _load_whole(result.saved.path, dtype, source.device)
+        whole = loaded.model if loaded is not None else _load_whole(result.saved.path, dtype, source.device,
+                                                                    recipe.device_map)
         if gen_ref is not None and result.fidelity is not None:
             result.fidelity["generations"] = fid.compare(whole, gen_ref, tokenizer, pad_token_id=pad_id)["generations"]
         if tasks:
@@ -504,13 +514,16 @@ def _folder_bytes(folder: Path | None) -> int:
     return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors")) if folder else 0
 
 
-def _load_whole(folder: Path, dtype: torch.dtype, device: torch.device):
-    """A whole checkpoint in memory (lm-eval and generations need one), through moemerge's registered classes."""
+def _load_whole(folder: Path, dtype: torch.dtype, device: torch.device, device_map: str | None = None):
+    """A whole checkpoint in memory (lm-eval and generations need one), through moemerge's registered classes;
+    spread over the GPUs with ``device_map`` (e.g. ``auto``) when one does not hold it."""
     from transformers import AutoModelForCausalLM
 
     from .save.remote import registered  # noqa: F401
 
     try:
+        if device_map:
+            return AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, device_map=device_map).eval()
         return AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype).to(device).eval()
     except (OSError, ValueError) as exc:
         raise MoemergeError(f"cannot load {folder}: {str(exc).splitlines()[0]}") from None
