@@ -391,6 +391,7 @@ def _run(recipe: Recipe, source: LayerSource, tokenizer, name: str, local_dir: P
         return result
     if loaded is None:
         lm_before, gen_ref = original_measures()
+        result.timings.update(timings)
     return _after_checkpoint(result, recipe, tokenizer, tasks, gen_ref, lm_before, loaded, dtype, source, out)
 
 

@@ -16,7 +16,7 @@ def print_summary(result, console: Console | None = None) -> None:
     console.print(f"[bold]moemerge[/bold] {r.model_path} → {result.saved.path if result.saved else '(not saved)'}")
     if result.stats is not None:
         meta = result.stats.meta
-        runs = "from cache, model not run" if meta.get("model_runs") == 0 else "one forward pass"
+        runs = "statistics from the cache, no calibration pass" if meta.get("model_runs") == 0 else "one forward pass"
         console.print(f"calibration: {meta.get('calibration')} — {meta.get('windows')} windows ({runs})")
     if result.plan is not None:
         console.print(f"experts per MoE layer: {list(result.plan.counts().values())}")

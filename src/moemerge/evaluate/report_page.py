@@ -38,7 +38,7 @@ def write_report(result, out_dir: str | Path, title: str | None = None) -> Path:
              f"- output: `{result.saved.path if result.saved else out}`"]
     if result.stats is not None:
         meta = result.stats.meta
-        runs = "from cache, model not run" if meta.get("model_runs") == 0 else "one forward pass"
+        runs = "statistics from the cache, no calibration pass" if meta.get("model_runs") == 0 else "one forward pass"
         lines.append(f"- calibration: {meta.get('calibration')}, windows {meta.get('windows')} ({runs})")
     lines += ["", "## Recipe", "", "```yaml", recipe.to_yaml().rstrip() or "{}", "```", ""]
 
