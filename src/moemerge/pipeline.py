@@ -436,27 +436,38 @@ def _after_checkpoint(result: MergeResult, recipe: Recipe, tokenizer, tasks, gen
 
 def _finish_checkpoint(sink: ShardSink, source: LayerSource, outcome, result: MergeResult, tokenizer, name: str,
                        fp: str, config_dict: dict, dtype: torch.dtype) -> SaveReport:
-    """Trunk, config, tokenizer and merge_info into the temporary folder; read it all back; rename into place."""
+    """The merged walk's folder: merge_info.json and the walk's evaluation (``eval.json``, completed after the
+    checkpoint is in place) beside the weights."""
+    count = _written_count(source.family, result.plan, result.recipe.router, source)
+    files = {"merge_info.json": json.dumps(merge_info(result, name, fp), indent=2, default=str),
+             "eval.json": json.dumps({**result.summary(), "complete": False}, indent=2)}
+    saved = _write_folder(sink, source, outcome, tokenizer, config_dict, count, dtype, files,
+                          result.recipe.overwrite)
+    saved.parameters = result.parameters_after
+    return saved
+
+
+def _write_folder(sink: ShardSink, source: LayerSource, outcome, tokenizer, config_dict: dict, count: int,
+                  dtype: torch.dtype, files: dict[str, str], overwrite: bool) -> SaveReport:
+    """After the walk wrote the layers: the trunk, shards and index, config (+ the mapped formats' keys and shipped
+    file), tokenizer and ``files`` into the temporary folder; read it all back; rename it into place."""
     from .save.mapped import check_expert_ids, remote_config
 
     spec: FamilySpec = source.family
     sink.add_trunk(source.model)
     sink.close_shards()
     check_expert_ids(list(sink.weight_map))
-    count = _written_count(spec, result.plan, result.recipe.router, source)
     new_config = edited_config(config_dict, spec, count, dtype)
-    extra = {}
     if outcome.mapped:
-        new_config, extra = remote_config(spec, new_config, outcome.mapped)
+        new_config, code = remote_config(spec, new_config, outcome.mapped)
+        files = {**code, **files}
     sink.write_text("config.json", json.dumps(new_config, indent=2))
     tokenizer.save_pretrained(sink.tmp)
-    for fname, text in extra.items():
+    for fname, text in files.items():
         sink.write_text(fname, text)
-    sink.write_text("merge_info.json", json.dumps(merge_info(result, name, fp), indent=2, default=str))
-    sink.write_text("eval.json", json.dumps({**result.summary(), "complete": False}, indent=2))
     diff = verify(sink.tmp, outcome.probe, dtype, source.device, config=_output_config(new_config))
-    path = sink.commit(result.recipe.overwrite)
-    return SaveReport(path, result.parameters_after, sink.total_bytes, diff, [], [])
+    path = sink.commit(overwrite)
+    return SaveReport(path, outcome.parameters_before, sink.total_bytes, diff, [], [])
 
 
 def _written_count(spec: FamilySpec, plan: MergePlan | None, router: str, source: LayerSource) -> int:
@@ -479,27 +490,14 @@ def save_checkpoint(model, tokenizer, out: str | Path, config: dict | None = Non
     sink = ShardSink(out, KeyConverter(meta_skeleton(model.config, dtype)))
     try:
         outcome = execute(source, Recipe(merge="no"), Job(sink=sink, probe=_probe(tokenizer), progress=False))
-        sink.add_trunk(model)
-        sink.close_shards()
-        from .save.mapped import check_expert_ids, remote_config
-
-        check_expert_ids(list(sink.weight_map))
         spec = source.family
-        new_config = edited_config(config or model.config.to_dict(), spec, spec.num_experts(model.config), dtype)
-        extra = {}
-        if outcome.mapped:
-            new_config, extra = remote_config(spec, new_config, outcome.mapped)
-        sink.write_text("config.json", json.dumps(new_config, indent=2))
-        tokenizer.save_pretrained(sink.tmp)
-        for fname, text in extra.items():
-            sink.write_text(fname, text)
-        sink.write_text("merge_info.json", json.dumps(info or {}, indent=2, default=str))
-        diff = verify(sink.tmp, outcome.probe, dtype, source.device, config=_output_config(new_config))
-        path = sink.commit(overwrite)
+        saved = _write_folder(sink, source, outcome, tokenizer, config or model.config.to_dict(),
+                              spec.num_experts(model.config), dtype,
+                              {"merge_info.json": json.dumps(info or {}, indent=2, default=str)}, overwrite)
     except BaseException:
         sink.abort()
         raise
-    return SaveReport(path, outcome.parameters_before, sink.total_bytes, diff, [], [])
+    return saved
 
 
 def _output_config(config: dict):

@@ -180,25 +180,8 @@ class _Walk:
         self.names = list(dict.fromkeys(names))
         self.stats = Stats({li: dict(per) for li, per in job.stats.layers.items()} if job.stats else {},
                            dict(job.meta, model_runs=0, from_cache=[]))
-        self.missing: dict[int, list[str]] = {}
-        cache = job.cache if not recipe.sequential else None  # sequential statistics depend on the earlier merges
-        self.cache = cache
-        cached_layers = []
-        for li in self.targets:
-            have = cache.available(li) if cache is not None else set()
-            got = cache.load(li, [n for n in self.names if n in have]) if have else {}
-            got.update(self.stats.layers.get(li, {}))
-            self.stats.layers[li] = got
-            self.missing[li] = [n for n in self.names if n not in got]
-            if got and not self.missing[li]:
-                cached_layers.append(li)
-        if job.ranks.distributed:  # rank 0's cache is the truth: every rank must compute the same statistics
-            self.stats.layers, self.missing, cached_layers = job.ranks.broadcast(
-                (self.stats.layers, self.missing, cached_layers))
-        self.stats.meta["from_cache"] = sorted(self.names) if cached_layers and not any(self.missing.values()) \
-            else sorted({n for li in self.targets for n in self.names if n not in self.missing[li]})
-        self.stats.meta["layers_from_cache"] = cached_layers
-        self.stats.meta["statistics"] = self.names
+        self.cache = job.cache if not recipe.sequential else None  # sequential statistics depend on earlier merges
+        self.missing: dict[int, list[str]] = self._load_cached()
         self.clock = _Clock()
         self.trunk = Trunk(source.model)
         self.device = source.device
@@ -208,14 +191,33 @@ class _Walk:
         self.frequencies: dict[int, torch.Tensor] = {}
         self.layer_plans: dict[int, LayerPlan] = {}  # per-layer recipes: plans as the walk makes them
         self.router_fit: dict[int, tuple[float, float]] = {}
-        self._calib_orig: list[torch.Tensor] | None = None  # calibration outputs of the original layer being merged
-        self._fresh: dict = {}  # statistics of the last observed layer
         self._walked_parameters = 0
 
     # ---- helpers -----------------------------------------------------------------------------------------------
+    def _load_cached(self) -> dict[int, list[str]]:
+        """Take every target layer's cached statistics; returns, per layer, the statistic names still missing."""
+        missing, cached_layers = {}, []
+        for li in self.targets:
+            have = self.cache.available(li) if self.cache is not None else set()
+            got = self.cache.load(li, [n for n in self.names if n in have]) if have else {}
+            got.update(self.stats.layers.get(li, {}))
+            self.stats.layers[li] = got
+            missing[li] = [n for n in self.names if n not in got]
+            if got and not missing[li]:
+                cached_layers.append(li)
+        if self.job.ranks.distributed:  # rank 0's cache is the truth: every rank must compute the same statistics
+            self.stats.layers, missing, cached_layers = self.job.ranks.broadcast(
+                (self.stats.layers, missing, cached_layers))
+        self.stats.meta["from_cache"] = sorted({n for li in self.targets for n in self.names if n not in missing[li]})
+        self.stats.meta["layers_from_cache"] = cached_layers
+        self.stats.meta["statistics"] = self.names
+        return missing
+
     def _observe(self, layer: nn.Module, view: MoeLayer, stream: Stream, index: int, names: list[str] = (),
-                 accumulators: list | None = None, until: Callable[[], bool] | None = None) -> list[torch.Tensor]:
-        """Push ``stream`` through ``layer`` with the observer hooks on its MoE block; returns the layer outputs."""
+                 accumulators: list | None = None, until: Callable[[], bool] | None = None
+                 ) -> tuple[list[torch.Tensor], dict]:
+        """Push ``stream`` through ``layer`` with the observer hooks on its MoE block feeding the statistics
+        ``names`` (or the given ``accumulators``); returns the layer's outputs and the statistics' results."""
         observer = Observer([view], list(names))
         if accumulators is not None:
             observer.accumulators = {index: accumulators}
@@ -223,9 +225,7 @@ class _Walk:
             outputs = stream.through(layer, index, until)
         for acc in observer.accumulators.get(index, []):
             acc.reduce(self.job.ranks)  # a distributed job: combine the ranks' shares once the layer is through
-        if accumulators is None:
-            self._fresh = observer.results().get(index, {})
-        return outputs
+        return outputs, (observer.results().get(index, {}) if accumulators is None else {})
 
     def _last_needed(self) -> int:
         """Last decoder layer the walk must build."""
@@ -289,15 +289,15 @@ class _Walk:
                 calib_out = None
                 if i in self.targets and self.missing.get(i):
                     with self.clock("calibrate"):
-                        calib_out = self._observe(layer, view, calib, i, self.missing[i])
-                    self.stats.layers.setdefault(i, {}).update(self._fresh)
+                        calib_out, fresh = self._observe(layer, view, calib, i, self.missing[i])
+                    self.stats.layers.setdefault(i, {}).update(fresh)
                     if self.cache is not None and job.ranks.main:
-                        self.cache.save(i, self._fresh, self.stats.meta)
+                        self.cache.save(i, fresh, self.stats.meta)
                     self.missing[i] = []
                 if not plan_only and self.merging and i in self.targets:
                     if merged_evals is None:  # the merged model's streams part from the original's here
                         merged_evals = {k: s.twin() for k, s in evals.items()}
-                    merged_here = self._merge(i, layer, view, calib, per_layer_plan, evals)
+                    merged_here, calib_out = self._merge(i, layer, view, calib, calib_out, per_layer_plan, evals)
                 if plan_only or not merged_here:
                     if calib is not None and i < last_calib:
                         if calib_out is None:
@@ -322,8 +322,7 @@ class _Walk:
                             with self.clock("calibrate"):
                                 calib.hidden = calib.through(layer, i)
                         else:
-                            calib.hidden = self._calib_orig
-                    self._calib_orig = None
+                            calib.hidden = calib_out
                 if calib is not None and i >= last_calib:
                     calib = None  # no later layer needs calibration inputs
             if not plan_only:
@@ -375,11 +374,13 @@ class _Walk:
         probe.hidden = [y]
         self.out.probe["layers"][index] = (x.cpu(), y.cpu())
 
-    def _merge(self, i: int, layer: nn.Module, view: MoeLayer, calib: Stream | None, per_layer_plan: bool,
-               evals: dict[str, Stream]) -> bool:
+    def _merge(self, i: int, layer: nn.Module, view: MoeLayer, calib: Stream | None,
+               calib_out: list[torch.Tensor] | None, per_layer_plan: bool, evals: dict[str, Stream]
+               ) -> tuple[bool, list[torch.Tensor] | None]:
         """Group (per-layer recipes), run the plan-aware passes, merge and format layer ``i`` in place. Returns
-        whether the layer changed; leaves the original layer's calibration outputs in ``self._calib_orig`` and moves
-        the original evaluation streams through the layer before it is merged."""
+        whether the layer changed and the original layer's calibration outputs (``calib_out`` when the statistics
+        pass already computed them), and moves the original evaluation streams through the layer before it is
+        merged."""
         recipe = self.recipe
         with self.clock("group"):
             if per_layer_plan:
@@ -392,7 +393,7 @@ class _Walk:
         self.layer_plans[i] = layer_plan
         self.frequencies[i] = self.stats.frequency(i)
         if layer_plan.is_identity:
-            return False
+            return False, calib_out
 
         def run(accumulators: list, until: Callable[[], bool] | None = None) -> None:
             if calib is None:
@@ -404,17 +405,16 @@ class _Walk:
             entries = self.method.layer_pass(LayerPass(view, layer_plan, self.stats, recipe, run))
             self.stats.layers[i].update(entries)
         if self.job.passes_only:
-            return False
+            return False, calib_out
         sample = None
         if recipe.router_fit:
             sample = RoutedOutputSample(view)
             run([sample], until=sample.full)
         # What the original layer gives: carried on by the calibration stream (not sequential) and the originals'
         # evaluation streams, computed before the layer is overwritten.
-        self._calib_orig = None
-        if calib is not None and not recipe.sequential:
+        if calib is not None and not recipe.sequential and calib_out is None:
             with self.clock("calibrate"):
-                self._calib_orig = calib.through(layer, i)
+                calib_out = calib.through(layer, i)
         with self.clock("eval"):
             for s in evals.values():
                 s.hidden = s.through(layer, i)
@@ -429,7 +429,7 @@ class _Walk:
             if sample is not None and sample.count:
                 self.router_fit[i] = refit_layer(view, sample.result(), self.top_k,
                                                  self.spec.renormalizes(self.config))
-        return True
+        return True, calib_out
 
     def _num_slots(self) -> int:
         if self.plan is not None:
