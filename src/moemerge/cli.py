@@ -207,6 +207,9 @@ def eval_cmd(model: str, ppl: tuple[str, ...], task: str | None, num_fewshot: in
         tasks = resolve_tasks(task) if task else None  # bad task paths fail before the model loads
         loaded = load_model(model, dtype, device, require_moe=False)
         max_pos = getattr(loaded.model.config, "max_position_embeddings", seq_len) or seq_len
+        if seq_len > max_pos and ppl:
+            click.echo(f"note: --seq-len {seq_len} is longer than the model's {max_pos} positions; windows of "
+                       f"{max_pos} tokens are used", err=True)
         texts = eval_texts(loaded.tokenizer, list(ppl), min(seq_len, max_pos), ppl_windows)
         ppls = perplexities(loaded.model, texts, batch_size, progress=not quiet)
         scores = evaluate_tasks(loaded.model, loaded.tokenizer, tasks, num_fewshot, batch_size, limit) \
