@@ -259,7 +259,7 @@ def run(recipe: Recipe, progress: bool = True, loaded: LoadedModel | None = None
     else:
         ckpt = open_checkpoint(recipe.model_path)
         dtype = resolve_dtype(recipe.dtype)
-        device = resolve_device("cuda" if recipe.device_map and recipe.device == "auto" else recipe.device)
+        device = resolve_device(recipe.device)  # device_map only matters for whole-model loads (lm-eval)
         source = ShardSource(ckpt.folder, dtype=None if dtype == "auto" else dtype, device=device,
                              config=ckpt.config)
         tokenizer, name, local_dir, fp = ckpt.tokenizer, recipe.model_path, ckpt.folder, ckpt.fingerprint
