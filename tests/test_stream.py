@@ -222,3 +222,20 @@ def test_killed_run_resumes_from_the_cached_layers(tmp_path):
     info = json.loads((out / "merge_info.json").read_text())
     assert 0 in info["calibration"]["layers_from_cache"]
     assert not list(tmp_path.glob(".out.tmp-*"))
+
+
+def test_tensors_the_model_does_not_use_are_ignored_as_from_pretrained_does(model_dirs, text_file, tmp_path):
+    """Old checkpoints store rotary tables per layer; like from_pretrained, the streamed reader leaves them out."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    d = tmp_path / "extra"
+    shutil.copytree(model_dirs["mixtral"], d)
+    tensors = load_file(d / "model.safetensors")
+    tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)
+    save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
+    recipe = moemerge.Recipe.build(model_path=str(d), output_path=str(tmp_path / "out"), calibration=str(text_file),
+                                   num_average_groups=4, ppl=["none"], **BASE)
+    out = moemerge.run(recipe, progress=False).saved.path
+    assert "model.layers.0.self_attn.rotary_emb.inv_freq" not in _state(out)

@@ -145,8 +145,9 @@ class ShardSource(LayerSource):
         tensors = self._cast(self.converter.to_memory({k: self.index.get(k) for k in keys}))
         _check_finite(tensors, "the model's trunk", self.folder)
         missing, unexpected = self.model.load_state_dict(tensors, strict=False, assign=True)
-        if unexpected:
-            raise MoemergeError(f"{self.folder}: checkpoint tensors the model does not have: {unexpected[:3]}")
+        if unexpected:  # as from_pretrained: tensors the model has no place for are left out, with a warning
+            LOG.warning("%s: ignoring %d checkpoint tensors the model does not use (%s)", self.folder,
+                        len(unexpected), ", ".join(unexpected[:3]))
         if getattr(self.model.config, "tie_word_embeddings", False) or \
                 getattr(self.model.config.get_text_config(), "tie_word_embeddings", False):
             self.model.tie_weights()
@@ -184,6 +185,12 @@ class ShardSource(LayerSource):
         del raw
         _check_finite(tensors, f"decoder layer {index}", self.folder)
         module = self.layers[index]
+        expected = module.state_dict().keys()
+        unused = [k for k in tensors if k not in expected]
+        if unused:  # as from_pretrained: e.g. rotary tables that old checkpoints stored; left out, with a warning
+            LOG.warning("decoder layer %d: ignoring %d checkpoint tensors the model does not use (%s)", index,
+                        len(unused), ", ".join(unused[:3]))
+            tensors = {k: v for k, v in tensors.items() if k in expected}
         try:
             module.load_state_dict(tensors, strict=True, assign=True)
         except RuntimeError as exc:
