@@ -4,12 +4,12 @@
 ``save_pretrained`` would (per-expert hub names, through transformers' own conversion table), and writes it to disk at
 once as a part file, so memory never holds more than the layer at hand; at the end consecutive parts are joined, byte
 for byte, into shards of at most ``max_shard_bytes`` (5 GB by default) with the usual index. Everything goes into a
-hidden temporary folder beside the output, with a
-lock file naming the process; :meth:`ShardSink.commit` renames it into place only after :func:`verify` has read the
-whole checkpoint back, layer by layer: strict key and shape loading of every tensor into the output config's model
-(zero missing, unexpected or mismatched keys), and each layer read back reproducing the merged layer's output on the
-probe hidden states, then the same final logits. On any failure (a full disk, Ctrl-C, a failed check) the temporary
-folder is removed; a folder left by a killed process is recognised by its dead lock owner and cleared by the next run.
+hidden temporary folder beside the output, with a lock file naming the process; :meth:`ShardSink.commit` renames it
+into place only after :func:`verify` has read the whole checkpoint back, layer by layer: strict key and shape loading
+of every tensor into the output config's model (zero missing, unexpected or mismatched keys), and each layer read back
+reproducing the merged layer's output on the probe hidden states, then the same final logits. On any failure (a full
+disk, Ctrl-C, a failed check) the temporary folder is removed; a folder left by a killed process is recognised by its
+dead lock owner and cleared by the next run.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import errno
 import json
 import os
 import shutil
+import time
 import uuid
 from pathlib import Path
 
@@ -53,6 +54,8 @@ def clear_stale(out: Path) -> None:
             pid = int(lock.read_text().split()[0])
         except (OSError, ValueError, IndexError):
             pid = None
+            if time.time() - tmp.stat().st_mtime < 60:  # a run that has just made its folder, lock not yet written
+                continue
         if pid is None or not _pid_alive(pid):
             shutil.rmtree(tmp, ignore_errors=True)
 
