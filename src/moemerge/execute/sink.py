@@ -228,7 +228,7 @@ def verify(folder: Path, probe: dict, dtype: torch.dtype, device: torch.device, 
     """Read the written checkpoint back one layer at a time and check it against the probe recorded while merging:
     strict loading of every tensor (keys and shapes against the output config's model), each layer's output on its
     recorded input, and the final logits. Returns the largest logit difference; raises on any mismatch."""
-    source = ShardSource(folder, dtype=dtype, device=device, config=config)
+    source = ShardSource(folder, dtype=dtype, device=device, config=config, strict=True)
     try:
         trunk = Trunk(source.model)
         ids = probe["ids"].to(device)

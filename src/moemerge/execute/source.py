@@ -110,10 +110,11 @@ class ShardSource(LayerSource):
     """A checkpoint folder (safetensors shards) read one decoder layer at a time."""
 
     def __init__(self, folder: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-                 config=None) -> None:
+                 config=None, strict: bool = False) -> None:
         from transformers import AutoConfig
 
         self.folder = Path(folder)
+        self.strict = strict  # tensors the model does not use are an error (checking a written folder), not a warning
         self.index = CheckpointIndex(self.folder)  # shard problems fail here, before any weight is read
         if config is None:
             from ..save.remote import registered  # noqa: F401
@@ -145,6 +146,8 @@ class ShardSource(LayerSource):
         tensors = self._cast(self.converter.to_memory({k: self.index.get(k) for k in keys}))
         _check_finite(tensors, "the model's trunk", self.folder)
         missing, unexpected = self.model.load_state_dict(tensors, strict=False, assign=True)
+        if unexpected and self.strict:
+            raise MoemergeError(f"{self.folder}: tensors the model does not have: {', '.join(unexpected[:3])}")
         if unexpected:  # as from_pretrained: tensors the model has no place for are left out, with a warning
             LOG.warning("%s: ignoring %d checkpoint tensors the model does not use (%s)", self.folder,
                         len(unexpected), ", ".join(unexpected[:3]))
@@ -187,6 +190,9 @@ class ShardSource(LayerSource):
         module = self.layers[index]
         expected = module.state_dict().keys()
         unused = [k for k in tensors if k not in expected]
+        if unused and self.strict:
+            raise MoemergeError(f"{self.folder}: decoder layer {index} has tensors the model does not have: "
+                                f"{', '.join(unused[:3])}")
         if unused:  # as from_pretrained: e.g. rotary tables that old checkpoints stored; left out, with a warning
             LOG.warning("decoder layer %d: ignoring %d checkpoint tensors the model does not use (%s)", index,
                         len(unused), ", ".join(unused[:3]))
