@@ -138,34 +138,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         "mlp_only_layers": [],
         "qkv_bias": True,
     },
-    # For tests and quick checks.
-    "tiny": {
-        "architectures": ["Qwen2MoeForCausalLM"],
-        "model_type": "qwen2_moe",
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-        "pad_token_id": 3,
-        "hidden_act": "silu",
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "max_position_embeddings": 512,
-        "num_attention_heads": 4,
-        "num_hidden_layers": 2,
-        "num_key_value_heads": 4,
-        "rms_norm_eps": 1e-06,
-        "rope_theta": 10000.0,
-        "tie_word_embeddings": False,
-        "use_sliding_window": False,
-        "vocab_size": 4096,
-        "decoder_sparse_step": 1,
-        "moe_intermediate_size": 32,
-        "shared_expert_intermediate_size": 64,
-        "num_experts_per_tok": 2,
-        "num_experts": 8,
-        "norm_topk_prob": False,
-        "mlp_only_layers": [],
-        "qkv_bias": True,
-    },
+}
+# For tests and quick checks: deep-small at a tenth of the width.
+PRESETS["tiny"] = {
+    **PRESETS["deep-small"], "hidden_size": 64, "intermediate_size": 128, "max_position_embeddings": 512,
+    "num_attention_heads": 4, "num_hidden_layers": 2, "num_key_value_heads": 4, "vocab_size": 4096,
+    "moe_intermediate_size": 32, "shared_expert_intermediate_size": 64, "num_experts_per_tok": 2, "num_experts": 8,
 }
 
 _LAYER_KEY = re.compile(r"\.layers\.(\d+)\.")

@@ -33,7 +33,7 @@ from .group.dominant import check_group_limit
 from .group.plan import MergePlan
 from .loading import LoadedModel, cache_root, open_checkpoint, resolve_device, resolve_dtype
 from .recipe import Recipe, parse_size
-from .save import FORMATS, SaveReport, edited_config, set_expert_count
+from .save import FORMATS, SaveReport, edited_config, folder_bytes, original_config, set_expert_count
 
 LOG = logging.getLogger(__name__)
 
@@ -201,7 +201,7 @@ def merge_info(result: MergeResult, source_name: str, fp: str) -> dict:
     return info
 
 
-def resolved(recipe: Recipe, config, tokenizer_source: str | None = None) -> Recipe:
+def resolved(recipe: Recipe, config) -> Recipe:
     """The recipe with every default that depends on the run filled in (absolute paths, the calibration text and
     window length actually used), so that rerunning it reproduces the checkpoint."""
     from .data import default_calibration
@@ -255,7 +255,7 @@ def run(recipe: Recipe, progress: bool = True, loaded: LoadedModel | None = None
     if loaded is not None:
         source: LayerSource = ModelSource(loaded.model)
         tokenizer, name, local_dir, fp = loaded.tokenizer, loaded.source, loaded.local_dir, loaded.fingerprint
-        config_dict = _config_dict(local_dir, loaded.model)
+        config_dict = original_config(loaded.source, local_dir, loaded.model)
     else:
         ckpt = open_checkpoint(recipe.model_path)
         dtype = resolve_dtype(recipe.dtype)
@@ -306,14 +306,8 @@ def _written_result(out: Path, recipe: Recipe) -> MergeResult:
                          partial.get("perplexity", {}).get("after", {}))
     result.fidelity = partial.get("fidelity")
     result.file_bytes_before = partial.get("file_bytes", {}).get("before")
-    result.saved = SaveReport(out, params.get("after", 0), _folder_bytes(out), 0.0, [], [])
+    result.saved = SaveReport(out, params.get("after", 0), folder_bytes(out), 0.0, [], [])
     return result
-
-
-def _config_dict(local_dir: Path | None, model) -> dict:
-    if local_dir is not None and (local_dir / "config.json").is_file():
-        return json.loads((local_dir / "config.json").read_text())
-    return model.config.to_dict()
 
 
 def _run(recipe: Recipe, source: LayerSource, tokenizer, name: str, local_dir: Path | None, fp: str,
@@ -336,7 +330,7 @@ def _run(recipe: Recipe, source: LayerSource, tokenizer, name: str, local_dir: P
     finishing = ranks.broadcast(finishing)  # rank 0 looked at the output folder
     job = job_for(recipe, tokenizer, source.config, fp, progress, ranks)
     job.eval_windows = {t.name: ranks.share(t.windows) for t in texts}
-    small = local_dir is None or _folder_bytes(local_dir) <= GENERATION_MAX_BYTES
+    small = local_dir is None or folder_bytes(local_dir) <= GENERATION_MAX_BYTES
     timings = {"load": load_s}
 
     def original_measures() -> tuple:
@@ -375,11 +369,10 @@ def _run(recipe: Recipe, source: LayerSource, tokenizer, name: str, local_dir: P
                              outcome.parameters_after, {**timings, **outcome.timings}, outcome.ppl_before,
                              outcome.ppl_after if merging else {}, router_fit=outcome.router_fit)
         result.fidelity = outcome.fidelity if merging else None
-        result.file_bytes_before = _folder_bytes(local_dir) if local_dir is not None else None
+        result.file_bytes_before = folder_bytes(local_dir) if local_dir is not None else None
         if sink is not None:
             t0 = time.perf_counter()
             result.saved = _finish_checkpoint(sink, source, outcome, result, tokenizer, name, fp, config_dict, dtype)
-
             result.timings["save"] = result.timings.get("save", 0.0) + time.perf_counter() - t0
     except BaseException:
         if sink is not None:
@@ -507,10 +500,6 @@ def _output_config(config: dict):
     from .save.remote import registered  # noqa: F401
 
     return AutoConfig.for_model(**{k: v for k, v in config.items() if k != "auto_map"})
-
-
-def _folder_bytes(folder: Path | None) -> int:
-    return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors")) if folder else 0
 
 
 def _load_whole(folder: Path, dtype: torch.dtype, device: torch.device, device_map: str | None = None):
