@@ -57,7 +57,7 @@ MODEL_DIRS = {"mixtral": MODELS / "tiny-mixtral", "qwen": MODELS / "tiny-qwen-mo
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
 VOCAB_SIZE = 4096
 SEQ_LEN = 128          # training window
-EVAL_LEN = 256         # non-overlapping evaluation windows
+EVAL_LEN = 256         # non-overlapping evaluation windows; also the config's max positions, so tools default to it
 BATCH = 16
 SEED = 1234
 
@@ -146,7 +146,7 @@ class WindowSampler:
 def common_kwargs(tokenizer) -> dict:
     return dict(
         vocab_size=VOCAB_SIZE, hidden_size=128, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=EVAL_LEN,
         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         rms_norm_eps=1e-6,

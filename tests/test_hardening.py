@@ -174,3 +174,64 @@ def test_bundled_model_names_work_as_model_paths(tmp_path):
     r = _cli("eval", "tiny-mixtral", "--ppl", "bundled:test", "--ppl-windows", "2", "--seq-len", "64", "-q")
     assert r.returncode == 0, r.stderr
     assert "tiny-mixtral" in r.stdout
+
+
+def test_input_errors_are_answered_before_torch_loads(tmp_path):
+    """A mistyped model path is refused by every command before torch, transformers or the registries load."""
+    probe = ("import sys\nfrom moemerge.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n"
+             "    pass\nprint(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    for args in (["merge", "/no/such/model", "-o", str(tmp_path / "o"), "--num-average-groups", "2"],
+                 ["eval", "/no/such/model", "--ppl", "bundled:test"],
+                 ["analyze", "/no/such/model", "-o", str(tmp_path / "a")],
+                 ["recommend", "/no/such/model", "--num-average-groups", "2", "-o", str(tmp_path / "r.yaml")]):
+        r = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=60)
+        assert "neither a local folder nor a hub id" in r.stderr, (args, r.stderr)
+        assert r.stdout.strip() == "[]", (args, r.stdout)
+
+
+def test_no_command_replaces_a_users_file_without_overwrite(tmp_path):
+    mine = tmp_path / "mine.json"
+    mine.write_text("precious")
+    r = _cli("eval", "tiny-mixtral", "--ppl", "bundled:test", "--result-path", str(mine), "-q")
+    _one_line(r, "exists", "--overwrite")
+    report = tmp_path / "report"
+    report.mkdir()
+    (report / "notes.md").write_text("precious")
+    r = _cli("analyze", "tiny-mixtral", "-o", str(report), "-q")
+    _one_line(r, "exists", "--overwrite")
+    recipe = tmp_path / "best.yaml"
+    recipe.write_text("precious")
+    r = _cli("recommend", "tiny-mixtral", "--num-average-groups", "4", "-o", str(recipe), "-q")
+    _one_line(r, "exists", "--overwrite")
+    (tmp_path / "best-2.yaml").write_text("precious")  # several budgets: one file per budget, each checked
+    r = _cli("recommend", "tiny-mixtral", "--num-average-groups", "4,2", "-o", str(recipe), "-q")
+    _one_line(r, "best-2.yaml", "--overwrite")
+    assert mine.read_text() == recipe.read_text() == (report / "notes.md").read_text() == "precious"
+
+
+def test_evaluation_window_defaults_to_the_models_positions_and_is_printed():
+    from types import SimpleNamespace
+
+    from moemerge.evaluate import window_length
+
+    assert window_length(SimpleNamespace(max_position_embeddings=256)) == (256, None)
+    assert window_length(SimpleNamespace(max_position_embeddings=32768)) == (2048, None)
+    length, note = window_length(SimpleNamespace(max_position_embeddings=256), 2048)
+    assert length == 256 and "256" in note and "2048" in note
+    r = _cli("eval", "tiny-mixtral", "--ppl", "bundled:test", "--ppl-windows", "2", "-q")
+    assert r.returncode == 0 and "256 tokens" in r.stderr and "2 × 256" in r.stdout, r.stderr
+
+
+def test_plots_are_report_sized_with_integer_count_axes(tmp_path):
+    import matplotlib.image
+
+    from moemerge.evaluate import plots
+
+    path = plots.experts_per_layer({0: 8, 1: 8}, {0: 3, 1: 5}, tmp_path / "e.png")
+    height, width = matplotlib.image.imread(path).shape[:2]
+    assert width >= 900 and height >= 450
+    fig, ax = plots._plt().subplots()
+    ax.plot([0, 1], [0.0, 3.0])
+    plots._integer_axis(ax.yaxis)
+    fig.canvas.draw()
+    assert all(float(t).is_integer() for t in ax.get_yticks())

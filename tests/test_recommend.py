@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -16,6 +17,11 @@ from moemerge.recommend import held_out_windows
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "moemerge.cli", *args], capture_output=True, text=True,
                           timeout=300)
+
+
+def _table_lines(stdout: str) -> list[str]:
+    """The printed tables and notes (the file paths echoed after them are as long as the user's paths)."""
+    return [line for line in stdout.splitlines() if not line.startswith(("wrote ", "all trials: "))]
 
 
 def test_held_out_windows_are_disjoint_from_calibration(model_dirs, text_file):
@@ -39,10 +45,54 @@ def test_recommend_prints_the_table_and_writes_a_runnable_recipe(model_dirs, tex
     assert out.returncode == 0, out.stderr
     for name in ("hc-smoe", "hc-smoe+fit", "frequency-prune", "winner"):
         assert name in out.stdout
+    assert max(len(line) for line in _table_lines(out.stdout)) <= 80
     data = yaml.safe_load(recipe_file.read_text())
     assert data["num_average_groups"] == 4 and data["n_sentences"] == 8
+    assert data["router"] in ("mapped", "collapse")  # the format that realises the size, never keep
     merged = tmp_path / "merged"
     run = _cli("merge", "--recipe", str(recipe_file), "--output", str(merged), "--ppl", str(text_file),
                "--ppl-windows", "2", "-q")
     assert run.returncode == 0, run.stderr
     assert (merged / "config.json").exists()
+
+
+def test_several_budgets_in_a_stock_format(model_dirs, text_file, tmp_path):
+    """``--format compact``: merges compete collapsed, recipes with uneven counts are listed as not compared; one
+    recipe per budget, every trial in JSON, the frontier plot."""
+    out = _cli("recommend", str(model_dirs["mixtral"]), "--num-average-groups", "4,3", "--format", "compact",
+               "--output", str(tmp_path / "best.yaml"), "--calibration", str(text_file), "--seq-len", "32",
+               "--n-sentences", "8", "--dtype", "float32", "--device", "cpu",
+               "--candidates", "hc-smoe,moemerge,frequency-prune", "-q")
+    assert out.returncode == 0, out.stderr
+    assert "moemerge: not compared" in out.stdout and "same expert count" in out.stdout
+    assert max(len(line) for line in _table_lines(out.stdout)) <= 80
+    for budget in (4, 3):
+        data = yaml.safe_load((tmp_path / f"best-{budget}.yaml").read_text())
+        assert data["num_average_groups"] == budget and data["router"] == "collapse"
+    trials = json.loads((tmp_path / "best-trials.json").read_text())["trials"]
+    assert {(t["name"], t["budget"]) for t in trials} == {(n, b) for n in ("hc-smoe", "moemerge", "frequency-prune")
+                                                          for b in (4, 3)}
+    assert all(t["format"] == "compact" for t in trials)
+    assert (tmp_path / "best-frontier.png").stat().st_size > 0
+
+
+def test_a_trial_recipe_reproduces_its_reported_figure(model_dirs, text_file, tmp_path):
+    """The checkpoint a trial's recipe writes, reloaded, scores the held-out perplexity the table reported."""
+    from moemerge.evaluate.perplexity import perplexity
+    from moemerge.recommend import recommend
+
+    base = moemerge.Recipe.build(calibration=str(text_file), seq_len=32, n_sentences=8, num_average_groups=4,
+                                 dtype="float32", device="cpu")
+    trials, winners = recommend(str(model_dirs["qwen2_moe"]), base, ["hc-smoe+fit"])
+    trial = winners[4]
+    assert trial.format == "mapped" and trial.parameters < sum(
+        p.numel() for p in load_model(str(model_dirs["qwen2_moe"]), "float32", "cpu").model.parameters())
+    out = tmp_path / "merged"
+    from moemerge.pipeline import run
+
+    run(trial.trial_recipe.model_copy(update={"output_path": str(out), "ppl": ["none"], "report": False}),
+        progress=False)
+    reloaded = load_model(str(out), "float32", "cpu", require_moe=False)
+    _, held = held_out_windows(reloaded.tokenizer, reloaded.model.config, base)
+    assert abs(perplexity(reloaded.model, held, progress=False) / trial.ppl - 1) < 1e-4
+    assert sum(p.numel() for p in reloaded.model.parameters()) == trial.parameters

@@ -18,6 +18,7 @@ from typing import Any
 import click
 
 from .errors import MoemergeError
+from .paths import model_folder
 from .recipe import Recipe
 
 
@@ -112,17 +113,34 @@ def _fail(exc: Exception) -> None:
     sys.exit(2)
 
 
+def _refuse_existing(path: str | Path | None, overwrite: bool, what: str) -> None:
+    """Nothing a user owns is replaced without ``--overwrite`` (checked before any work starts)."""
+    if path is None or overwrite:
+        return
+    p = Path(path).expanduser()
+    if p.is_file() or (p.is_dir() and any(p.iterdir())):
+        raise MoemergeError(f"{what} {str(path)!r} exists; pass --overwrite to replace it")
+
+
 def _setup_logging(verbose: bool, quiet: bool = False) -> None:
+    """Library verbosity through the environment variables transformers / huggingface_hub / tqdm read when they
+    are first imported, so that an input error is answered before any of them is (``--help`` stays instant)."""
+    import os
+
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
-    import transformers
-
     if not verbose:
-        transformers.logging.set_verbosity_error()
-        import huggingface_hub
-
-        huggingface_hub.utils.logging.set_verbosity_error()  # offline retries would print before our one-line error
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_VERBOSITY", "error")  # offline retries would print before our one-line error
     if quiet:
-        transformers.utils.logging.disable_progress_bar()
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's bars
+    if "transformers" in sys.modules:  # already imported (an embedding program, the tests): set it directly
+        import transformers
+
+        if not verbose:
+            transformers.logging.set_verbosity_error()
+        if quiet:
+            transformers.utils.logging.disable_progress_bar()
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
@@ -149,6 +167,7 @@ def merge(model: str | None, output: str | None, recipe_file: str | None, quiet:
     try:
         overrides = _given(options)
         if model:
+            model_folder(model)  # a mistyped path is answered before the method registries (torch) load
             overrides["model_path"] = model
         if output:
             overrides["output_path"] = output
@@ -182,8 +201,8 @@ def merge(model: str | None, output: str | None, recipe_file: str | None, quiet:
 @click.option("--num-fewshot", "--num_fewshot", "num_fewshot", type=int, default=0, show_default=True,
               help="Few-shot examples for lm-eval tasks.")
 @click.option("--limit", type=int, default=None, help="lm-eval: only the first N items of each task.")
-@click.option("--seq-len", "--seq_len", "seq_len", type=int, default=2048, show_default=True,
-              help="Tokens per non-overlapping window.")
+@click.option("--seq-len", "--seq_len", "seq_len", type=int, default=None,
+              help="Tokens per non-overlapping window  [default: the model's max positions, at most 2048].")
 @click.option("--ppl-windows", "--ppl_windows", "ppl_windows", type=int, default=None,
               help="Only the first N windows of each text.")
 @click.option("--eval-batch-size", "--eval_batch_size", "batch_size", type=int, default=8, show_default=True,
@@ -191,26 +210,29 @@ def merge(model: str | None, output: str | None, recipe_file: str | None, quiet:
 @click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float32", "float16"]), default="auto")
 @click.option("--device", default="auto", help="cpu, cuda or auto.")
 @click.option("--result-path", "--result_path", "result_path", default=None, help="Write the results as JSON.")
+@click.option("--overwrite", is_flag=True, help="Replace --result-path if it exists.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def eval_cmd(model: str, ppl: tuple[str, ...], task: str | None, num_fewshot: int, limit: int | None, seq_len: int,
-             ppl_windows: int | None, batch_size: int, dtype: str, device: str, result_path: str | None,
-             quiet: bool) -> None:
+def eval_cmd(model: str, ppl: tuple[str, ...], task: str | None, num_fewshot: int, limit: int | None,
+             seq_len: int | None, ppl_windows: int | None, batch_size: int, dtype: str, device: str,
+             result_path: str | None, overwrite: bool, quiet: bool) -> None:
     """Perplexity of MODEL on each --ppl text and/or lm-eval --task accuracy (acc, acc_norm ± stderr)."""
     _setup_logging(False, quiet)
     try:
         if not ppl and not task:
             raise MoemergeError("nothing to evaluate: give --ppl TEXT and/or --task TASK")
-        from .evaluate import eval_texts, perplexities
+        model_folder(model)
+        _refuse_existing(result_path, overwrite, "result file")
+        from .evaluate import eval_texts, perplexities, window_length
         from .evaluate.lm_eval import evaluate_tasks, resolve_tasks
         from .loading import load_model
 
         tasks = resolve_tasks(task) if task else None  # bad task paths fail before the model loads
         loaded = load_model(model, dtype, device, require_moe=False)
-        max_pos = getattr(loaded.model.config, "max_position_embeddings", seq_len) or seq_len
-        if seq_len > max_pos and ppl:
-            click.echo(f"note: --seq-len {seq_len} is longer than the model's {max_pos} positions; windows of "
-                       f"{max_pos} tokens are used", err=True)
-        texts = eval_texts(loaded.tokenizer, list(ppl), min(seq_len, max_pos), ppl_windows)
+        length, note = window_length(loaded.model.config, seq_len)
+        if ppl:
+            click.echo(note or f"perplexity windows: {length} tokens (the model's max positions, at most 2048; "
+                               f"--seq-len sets them)", err=True)
+        texts = eval_texts(loaded.tokenizer, list(ppl), length, ppl_windows)
         ppls = perplexities(loaded.model, texts, batch_size, progress=not quiet)
         scores = evaluate_tasks(loaded.model, loaded.tokenizer, tasks, num_fewshot, batch_size, limit) \
             if tasks else None
@@ -239,8 +261,8 @@ def eval_cmd(model: str, ppl: tuple[str, ...], task: str | None, num_fewshot: in
 @click.option("--calibration", default=None, help="Calibration text (default: c4 online, bundled offline).")
 @click.option("--n-sentences", "--n_sentences", "n_sentences", type=int, default=16, show_default=True,
               help="Calibration windows.")
-@click.option("--seq-len", "--seq_len", "seq_len", type=int, default=512, show_default=True,
-              help="Tokens per window (capped at the model's max positions).")
+@click.option("--seq-len", "--seq_len", "seq_len", type=int, default=None,
+              help="Tokens per window  [default: the model's max positions, at most 2048].")
 @click.option("--batch-size", "--batch_size", "batch_size", type=int, default=4, show_default=True,
               help="Windows per forward pass.")
 @click.option("--similarity", multiple=True, help="Similarity bases to plot (repeatable; default router-logits, "
@@ -255,18 +277,23 @@ def eval_cmd(model: str, ppl: tuple[str, ...], task: str | None, num_fewshot: in
 @click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float32", "float16"]), default="auto")
 @click.option("--device", default="auto", help="cpu, cuda or auto.")
 @click.option("--cache/--no-cache", default=True, help="Reuse calibration statistics.")
+@click.option("--overwrite", is_flag=True, help="Write into --output even if it holds files.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def analyze(model: str, output: str | None, compare: str | None, calibration: str | None, n_sentences: int,
-            seq_len: int, batch_size: int, similarity: tuple[str, ...], importance: bool, text: tuple[str, ...],
+            seq_len: int | None, batch_size: int, similarity: tuple[str, ...], importance: bool, text: tuple[str, ...],
             windows: int, mask: tuple[str, ...], force: tuple[str, ...], dtype: str, device: str, cache: bool,
-            quiet: bool) -> None:
+            overwrite: bool, quiet: bool) -> None:
     """Routing analysis of MODEL: expert frequency, router entropy, load imbalance, expert similarity, expert
     importance and routing interventions, as analysis.md + PNGs."""
     _setup_logging(False, quiet)
     try:
+        for m in (model, compare):
+            if m:
+                model_folder(m)
+        out = output or f"analysis-{Path(model).name or 'model'}"
+        _refuse_existing(out, overwrite, "report folder")
         from .evaluate.analyze import DEFAULT_SIMILARITIES, print_analysis, run_analysis
 
-        out = output or f"analysis-{Path(model).name or 'model'}"
         a, other, page = run_analysis(model, out, compare, calibration, n_sentences, seq_len, batch_size,
                                       list(similarity) or DEFAULT_SIMILARITIES, importance, list(text) or None,
                                       windows, list(mask), list(force), dtype, device, cache, progress=not quiet)
@@ -326,28 +353,50 @@ def demo(model_name: str | None, output: str | None, groups: int | None, router:
 
 @main.command(context_settings={"max_content_width": 120})
 @click.argument("model")
-@click.option("--num-average-groups", "--num_average_groups", "groups", type=int, required=True,
-              help="Experts (groups) left per MoE layer.")
-@click.option("--output", "-o", required=True, help="Recipe YAML file to write (the winner).")
-@click.option("--candidates", default=None, help="Comma-separated candidate names (default: all available).")
+@click.option("--num-average-groups", "--num_average_groups", "groups", required=True,
+              help="Experts (groups) left per MoE layer on average; several budgets at once: 12,8,6.")
+@click.option("--output", "-o", required=True,
+              help="Recipe YAML file to write (the winner); with several budgets, one file per budget "
+                   "(NAME-12.yaml, ...). NAME-trials.json and NAME-frontier.png go beside it.")
+@click.option("--format", "fmt", type=click.Choice(["mapped", "compact", "padded"]), default="mapped",
+              show_default=True, help="Checkpoint format the candidates are written in and compared at: mapped "
+                                      "(exact routing, custom code), compact (stock transformers / vLLM, same count "
+                                      "per layer), padded (stock, uneven counts padded).")
+@click.option("--candidates", default=None, help="Comma-separated candidate names  [default: all; choices: "
+                                                 "hc-smoe, m-smoe, sub-moe, sub-moe-dagger, frequency-prune, "
+                                                 "output-prune, reap, moemerge, hc-smoe+fit, m-smoe+fit, "
+                                                 "sub-moe+fit, moemerge+seq, hc-smoe+fit+rfit].")
+@click.option("--overwrite", is_flag=True, help="Replace the recipe, trials and frontier files if they exist.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @recipe_options(skip=tuple(f for f in Recipe.model_fields if f not in (
     "calibration", "n_sentences", "seq_len", "train_batch_size", "seed", "cache", "dtype", "device")))
-def recommend(model: str, groups: int, output: str, candidates: str | None, quiet: bool, **options: Any) -> None:
+def recommend(model: str, groups: str, output: str, fmt: str, candidates: str | None, overwrite: bool, quiet: bool,
+              **options: Any) -> None:
     """Try candidate recipes on held-out calibration text, print the table and write the best as a recipe."""
-    _setup_logging(False)
+    _setup_logging(False, quiet)
     try:
-        from .recommend import print_trials, write_recipe
+        from .recommend import parse_budgets, recipe_paths, side_files
+
+        model_folder(model)
+        budgets = parse_budgets(groups)
+        out = Path(output)
+        for path in [*recipe_paths(out, budgets).values(), *side_files(out)]:
+            _refuse_existing(path, overwrite, "file")
+        from .recommend import print_trials, write_outputs
         from .recommend import recommend as run_recommend
 
-        base = Recipe.build(_given(options), model_path=model, num_average_groups=groups)
+        base = Recipe.build(_given(options), model_path=model, num_average_groups=budgets[0])
         names = [c.strip() for c in candidates.split(",")] if candidates else None
-        trials, winner = run_recommend(model, base, names, progress=not quiet)
-        print_trials(trials, winner)
-        write_recipe(winner, Path(output))
-        click.echo(f"wrote {output}; run it with: moemerge merge --recipe {output}")
+        trials, winners = run_recommend(model, base, names, progress=not quiet, budgets=budgets, fmt=fmt)
+        print_trials(trials, winners)
+        written = write_outputs(trials, winners, out)
     except MoemergeError as exc:
         _fail(exc)
+        return
+    trials_json, plot = side_files(out)
+    for path in written:
+        click.echo(f"wrote {path}; run it with: moemerge merge --recipe {path}")
+    click.echo(f"all trials: {trials_json}; frontier: {plot}")
 
 
 if __name__ == "__main__":  # pragma: no cover

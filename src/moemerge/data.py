@@ -135,7 +135,9 @@ def _read_named(name: str, max_docs: int | None) -> TextSource:
 def tokenize(tokenizer, source: TextSource) -> torch.Tensor:
     """All documents joined by the source's separator, as one 1-D tensor of token ids (no special tokens)."""
     text = source.separator.join(source.docs)
-    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    # verbose=False: the text is meant to be longer than the model's context (it is cut into windows next), so the
+    # tokenizer's "sequence length is longer than the specified maximum" warning would only mislead
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
     return torch.tensor(ids, dtype=torch.long)
 
 

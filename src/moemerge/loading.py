@@ -13,6 +13,7 @@ from torch import nn
 
 from .errors import MoemergeError
 from .families import family_of, moe_layers
+from .paths import model_folder
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -44,11 +45,6 @@ def resolve_device(name: str | None) -> str:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise MoemergeError(f"device {name!r} requested but CUDA is not available")
     return name
-
-
-def _looks_like_hub_id(source: str) -> bool:
-    parts = source.split("/")
-    return len(parts) == 2 and all(parts) and not source.startswith((".", "/", "~"))
 
 
 def ships_moemerge_code(config_path: Path) -> bool:
@@ -86,16 +82,10 @@ def load_model(source: str, dtype: str | None = "auto", device: str | None = "au
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    path = local_path(source)
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise MoemergeError(f"model folder {source!r} has no config.json")
-        local_dir: Path | None = path
-    elif _looks_like_hub_id(source):
-        local_dir = None
-    else:
-        raise MoemergeError(f"model {source!r} is neither a local folder nor a hub id (owner/name)")
+    local_dir = model_folder(source)
     from .save.remote import registered  # noqa: F401  (moemerge's own mapped model types)
+
+    where = str(local_dir) if local_dir else source
 
     ours = local_dir is not None and ships_moemerge_code(local_dir / "config.json")
     if ours:
@@ -103,7 +93,7 @@ def load_model(source: str, dtype: str | None = "auto", device: str | None = "au
     try:
         # Never trust_remote_code: moemerge's own formats load through the classes installed with it (registered
         # above), and any other folder's Python file is never run.
-        config = AutoConfig.from_pretrained(str(path) if local_dir else source, trust_remote_code=False)
+        config = AutoConfig.from_pretrained(where, trust_remote_code=False)
     except (OSError, ValueError) as exc:  # offline hub, unknown repo, malformed config
         raise MoemergeError(f"cannot load config of {source!r}: {str(exc).splitlines()[0]}") from None
     if require_moe:
@@ -115,8 +105,8 @@ def load_model(source: str, dtype: str | None = "auto", device: str | None = "au
     if device_map:
         kwargs["device_map"] = device_map
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path) if local_dir else source, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(str(path) if local_dir else source, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=False)
     except (OSError, ValueError) as exc:
         raise MoemergeError(f"cannot load {source!r}: {str(exc).splitlines()[0]}") from None
     if not device_map:
@@ -142,13 +132,6 @@ class Checkpoint:
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "tokenizer*"]
 
 
-def local_path(source: str) -> Path:
-    """A model argument as a path: a bundled model's name (``tiny-mixtral``) works wherever a folder does."""
-    from . import zoo
-
-    return zoo.model_path(source) if source in zoo.MODELS else Path(source).expanduser()
-
-
 def open_checkpoint(source: str) -> Checkpoint:
     """A local folder, or a hub id downloaded (safetensors, config and tokenizer files only) to the hub cache; then
     the config and tokenizer, checked to be a MoE family moemerge can merge. No weight is read."""
@@ -156,19 +139,14 @@ def open_checkpoint(source: str) -> Checkpoint:
 
     from .save.remote import registered  # noqa: F401  (moemerge's own mapped model types)
 
-    path = local_path(source)
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise MoemergeError(f"model folder {source!r} has no config.json")
-    elif _looks_like_hub_id(source):
+    path = model_folder(source)
+    if path is None:
         try:
             from huggingface_hub import snapshot_download
 
             path = Path(snapshot_download(source, allow_patterns=HUB_PATTERNS))
         except Exception as exc:  # offline, unknown repo, gated: many exception types
             raise MoemergeError(f"cannot download {source!r}: {str(exc).splitlines()[0]}") from None
-    else:
-        raise MoemergeError(f"model {source!r} is neither a local folder nor a hub id (owner/name)")
     try:
         config_dict = json.loads((path / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as exc:

@@ -1,4 +1,5 @@
-"""``moemerge recommend``: try candidate recipes on held-out calibration text and write the best as a recipe file.
+"""``moemerge recommend``: try candidate recipes on held-out calibration text, at one or several expert budgets, and
+write the best recipe per budget, in the checkpoint format that realises its size.
 
 From one calibration (the candidates share its cached statistics), each candidate recipe is one walk of the layer
 executor over the checkpoint, streamed one decoder layer at a time like ``moemerge merge`` (nothing is written, and no
@@ -8,43 +9,62 @@ never used to calibrate). With ``n_sentences = N`` the candidates calibrate on t
 are scored on the other ``⌈N/4⌉`` (75 % / 25 %). The held-out windows go through the original and the merged layer
 side by side, which gives the candidate's perplexity and its KL to the original in the same walk.
 
-The winner (lowest held-out perplexity) is written with :meth:`Recipe.to_yaml` — the candidate's options on top of
-the given model and calibration options, with the full ``n_sentences`` — so ``moemerge merge --recipe FILE`` runs it.
+**Equal size, realised.** A merge saved with ``router: keep`` has the original's size, so candidates are compared
+written in the format the user will ship (``--format``): ``mapped`` (the default: exact routing, only the merged
+experts stored, any per-layer counts; custom code), ``compact`` (stock transformers and vLLM: one router row per group,
+the same count in every layer, so recipes with uneven counts cannot compete) or ``padded`` (stock, uneven counts
+padded to the largest). Pruning and recipes that refit a collapsed router are compact by nature and compete as such
+under every format. Each row's parameter count is the one of the checkpoint that recipe writes.
+
+The winner of each budget (lowest held-out perplexity) is written with :meth:`Recipe.to_yaml`, its format included,
+so ``moemerge merge --recipe FILE`` produces that checkpoint; every trial, with the exact recipe it ran, goes to
+``<stem>-trials.json``, and the frontier (parameters against perplexity ratio and KL) to ``<stem>-frontier.png``.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import MoemergeError
 from .recipe import Recipe
 
-#: candidate name -> options on top of the base recipe; entries whose methods are not registered are skipped.
+if TYPE_CHECKING:
+    import torch
+
+#: candidate name -> options on top of the base recipe: every preset, then the output-fitted merge on the other
+#: presets' groupings, the house recipe calibrated layer by layer, and the best stock-router variant. Entries whose
+#: methods are not registered are skipped.
 CANDIDATES: dict[str, dict] = {
     "hc-smoe": {"preset": "hc-smoe"},
     "m-smoe": {"preset": "m-smoe"},
     "sub-moe": {"preset": "sub-moe"},
+    "sub-moe-dagger": {"preset": "sub-moe-dagger"},
     "frequency-prune": {"preset": "frequency-prune"},
+    "output-prune": {"preset": "output-prune"},
     "reap": {"preset": "reap"},
+    "moemerge": {"preset": "moemerge"},
     "hc-smoe+fit": {"preset": "hc-smoe", "merge": "fit"},
-    "hc-smoe+fit+sequential": {"preset": "hc-smoe", "merge": "fit", "sequential": True},
     "m-smoe+fit": {"preset": "m-smoe", "merge": "fit"},
     "sub-moe+fit": {"preset": "sub-moe", "merge": "fit"},
-    "global-threshold+fit": {"preset": "hc-smoe", "hierarchical_stopping_metric": "distance", "merge": "fit"},
-    "hc-smoe+fit+collapse+router-fit": {"preset": "hc-smoe", "merge": "fit", "router": "collapse",
-                                        "router_fit": True},
+    "moemerge+seq": {"preset": "moemerge", "sequential": True},
+    "hc-smoe+fit+rfit": {"preset": "hc-smoe", "merge": "fit", "router": "collapse", "router_fit": True},
 }
+
+#: ``--format`` -> the ``router`` a merge candidate is written with
+FORMATS = {"mapped": "mapped", "compact": "collapse", "padded": "padded"}
 
 
 @dataclass
 class Trial:
     name: str
-    recipe: Recipe | None
+    budget: int
+    recipe: Recipe | None  # the recipe to run (full n_sentences); ``trial_recipe``: what was scored
+    trial_recipe: Recipe | None = None
     ppl: float = math.nan
     ppl_ratio: float = math.nan
     kl: float = math.nan
@@ -52,6 +72,33 @@ class Trial:
     parameters: int = 0
     seconds: float = 0.0
     error: str | None = None
+
+    @property
+    def format(self) -> str:
+        router = (self.recipe.router if self.recipe else "") or ""
+        return "compact" if router == "collapse" else router
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "budget": self.budget, "format": self.format, "ppl": self.ppl,
+                "ppl_ratio": self.ppl_ratio, "kl": self.kl, "top1": self.top1, "parameters": self.parameters,
+                "seconds": round(self.seconds, 2), "error": self.error,
+                "trial_recipe": self.trial_recipe.model_dump(exclude_defaults=True) if self.trial_recipe else None}
+
+
+def in_format(options: dict, fmt: str) -> dict | str:
+    """A candidate's options written in ``--format fmt``, or why it cannot be.
+
+    Pruning drops experts and their router rows, and a refitted router is a collapsed one: both are compact under
+    every format. Sub-MoE†'s low-rank factors are a variant of mapped. Everything else takes the asked format.
+    """
+    from .methods import PRESETS
+
+    merged = {**(PRESETS.get(options["preset"]) if options.get("preset") else {}), **options}
+    if merged.get("prune", "no") != "no" or merged.get("router_fit"):
+        return {**options, "router": "collapse"}
+    if merged.get("router") == "lowrank":
+        return options if fmt == "mapped" else "low-rank factors are written by --format mapped only"
+    return {**options, "router": FORMATS[fmt]}
 
 
 def candidate_recipe(base: Recipe, options: dict) -> Recipe:
@@ -72,6 +119,9 @@ def available_candidates(names: list[str] | None = None) -> dict[str, dict]:
     """The candidates whose presets and methods are registered (``names`` restricts them)."""
     from .methods import PRESETS, REGISTRIES
 
+    unknown = set(names or []) - set(CANDIDATES)
+    if unknown:
+        raise MoemergeError(f"unknown candidate(s) {', '.join(sorted(unknown))}; valid: {', '.join(CANDIDATES)}")
     out = {}
     for name, opts in CANDIDATES.items():
         if names and name not in names:
@@ -80,18 +130,27 @@ def available_candidates(names: list[str] | None = None) -> dict[str, dict]:
             continue
         if opts.get("merge") and opts["merge"] not in REGISTRIES["merge"]:
             continue
-        if opts.get("router_fit") and "router_fit" not in Recipe.model_fields:
-            continue
         out[name] = opts
-    unknown = set(names or []) - set(CANDIDATES)
-    if unknown:
-        raise MoemergeError(f"unknown candidate(s) {', '.join(sorted(unknown))}; valid: {', '.join(CANDIDATES)}")
     return out
+
+
+def parse_budgets(text: str | int | list[int]) -> list[int]:
+    """``"12,8,6"`` -> ``[12, 8, 6]`` (experts left per MoE layer on average), or a one-line error."""
+    items = text if isinstance(text, list) else [t for t in str(text).replace(" ", "").split(",") if t]
+    try:
+        budgets = [int(t) for t in items]
+    except ValueError:
+        raise MoemergeError(f"--num-average-groups {text!r}: give whole numbers, e.g. 8 or 12,8,6") from None
+    if not budgets or any(b < 1 for b in budgets):
+        raise MoemergeError(f"--num-average-groups {text!r}: every budget must be at least 1")
+    return list(dict.fromkeys(budgets))
 
 
 def held_out_windows(tokenizer, config, base: Recipe) -> tuple[int, torch.Tensor]:
     """``(calibration windows, held-out windows [M, S])``: the sampler's first ``N − ⌈N/4⌉`` windows calibrate,
     the next ``⌈N/4⌉`` (disjoint, same text and seed) are held out. Needs ``N ≥ 2``."""
+    import torch
+
     from .calibrate import calibration_windows
     from .pipeline import calibration_settings
 
@@ -109,73 +168,134 @@ def held_out_windows(tokenizer, config, base: Recipe) -> tuple[int, torch.Tensor
     return n - held, out
 
 
-def recommend(model_path: str, base: Recipe, names: list[str] | None = None, progress: bool = False
-              ) -> tuple[list[Trial], Trial]:
-    """Score every available candidate on the held-out windows; returns the trials and the winner."""
+def recommend(model_path: str, base: Recipe, names: list[str] | None = None, progress: bool = False,
+              budgets: list[int] | None = None, fmt: str = "mapped") -> tuple[list[Trial], dict[int, Trial]]:
+    """Score every available candidate at every budget on the held-out windows, each written in the format that
+    realises its size; returns every trial and the winner per budget."""
     from .execute.executor import execute
     from .execute.source import ShardSource
     from .loading import open_checkpoint, resolve_device, resolve_dtype
     from .pipeline import job_for, validate_for_model
 
-    if base.num_average_groups is None:
+    if fmt not in FORMATS:
+        raise MoemergeError(f"--format {fmt!r}: recommend compares mapped, compact or padded checkpoints")
+    budgets = budgets or ([base.num_average_groups] if base.num_average_groups else [])
+    if not budgets:
         raise MoemergeError("recommend needs --num-average-groups")
+    candidates = available_candidates(names)
+    base = base.model_copy(update={"model_path": model_path})  # the written recipes name the model they were tried on
     ckpt = open_checkpoint(model_path)
     n_cal, held = held_out_windows(ckpt.tokenizer, ckpt.config, base)
     dtype = resolve_dtype(base.dtype)
     trials = []
-    for name, opts in available_candidates(names).items():
-        try:
-            recipe = candidate_recipe(base, opts)
-            trial_recipe = recipe.model_copy(update={"n_sentences": n_cal})
-        except MoemergeError as exc:
-            trials.append(Trial(name, None, error=str(exc)))
-            continue
-        t0 = time.perf_counter()
-        source = ShardSource(ckpt.folder, dtype=None if dtype == "auto" else dtype,
-                             device=resolve_device(base.device), config=ckpt.config)
-        try:
-            validate_for_model(trial_recipe, source)
-            job = job_for(trial_recipe, ckpt.tokenizer, ckpt.config, ckpt.fingerprint, progress)
-            job.eval_windows, job.fidelity = {"held-out": held}, True
-            outcome = execute(source, trial_recipe, job)
-            ppl0, ppl = outcome.ppl_before["held-out"], outcome.ppl_after["held-out"]
-            fid = outcome.fidelity or {}
-            trials.append(Trial(name, recipe, ppl, ppl / ppl0, fid.get("kl", math.nan), fid.get("top1", math.nan),
-                                outcome.parameters_after, time.perf_counter() - t0))
-        except MoemergeError as exc:
-            trials.append(Trial(name, recipe, error=str(exc), seconds=time.perf_counter() - t0))
-        finally:
-            source.close()
-    ok = [t for t in trials if t.error is None and math.isfinite(t.ppl)]
-    if not ok:
-        raise MoemergeError("no candidate recipe could be merged: " + "; ".join(f"{t.name}: {t.error}"
-                                                                                 for t in trials))
-    return trials, min(ok, key=lambda t: t.ppl)
+    for budget in budgets:
+        for name, opts in candidates.items():
+            trial = Trial(name, budget, None)
+            trials.append(trial)
+            opts = in_format(opts, fmt)
+            if isinstance(opts, str):
+                trial.error = opts
+                continue
+            try:
+                trial.recipe = candidate_recipe(base.model_copy(update={"num_average_groups": budget}), opts)
+                trial.trial_recipe = trial.recipe.model_copy(update={"n_sentences": n_cal})
+            except MoemergeError as exc:
+                trial.error = str(exc)
+                continue
+            t0 = time.perf_counter()
+            source = ShardSource(ckpt.folder, dtype=None if dtype == "auto" else dtype,
+                                 device=resolve_device(base.device), config=ckpt.config)
+            try:
+                validate_for_model(trial.trial_recipe, source)
+                job = job_for(trial.trial_recipe, ckpt.tokenizer, ckpt.config, ckpt.fingerprint, progress)
+                job.eval_windows, job.fidelity = {"held-out": held}, True
+                outcome = execute(source, trial.trial_recipe, job)
+                ppl0, ppl = outcome.ppl_before["held-out"], outcome.ppl_after["held-out"]
+                fid = outcome.fidelity or {}
+                trial.ppl, trial.ppl_ratio = ppl, ppl / ppl0
+                trial.kl, trial.top1 = fid.get("kl", math.nan), fid.get("top1", math.nan)
+                trial.parameters = outcome.parameters_after
+            except MoemergeError as exc:
+                trial.error = str(exc)
+            finally:
+                trial.seconds = time.perf_counter() - t0
+                source.close()
+    winners = {}
+    for budget in budgets:
+        ok = [t for t in trials if t.budget == budget and t.error is None and math.isfinite(t.ppl)]
+        if ok:
+            winners[budget] = min(ok, key=lambda t: t.ppl)
+    if not winners:
+        raise MoemergeError("no candidate recipe could be merged: " + "; ".join(
+            f"{t.name}: {t.error}" for t in trials))
+    return trials, winners
 
 
-def print_trials(trials: list[Trial], winner: Trial, console=None) -> None:
+def _millions(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n:,}"
+
+
+def print_trials(trials: list[Trial], winners: dict[int, Trial], console=None) -> None:
+    """One table per budget, at most 80 columns wide; refused candidates are listed under it with their reason."""
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
-    console = console or Console()
-    table = Table(title="held-out comparison (one pass per recipe)")
-    for col in ("recipe", "ppl ratio", "KL (nats)", "top-1", "parameters", "merge s", "note"):
-        table.add_column(col, justify="left" if col in ("recipe", "note") else "right")
-    for t in sorted(trials, key=lambda t: (t.error is not None, t.ppl if math.isfinite(t.ppl) else math.inf)):
-        if t.error:
-            table.add_row(t.name, "-", "-", "-", "-", f"{t.seconds:.1f}", t.error[:60])
-            continue
-        table.add_row(t.name, f"{t.ppl_ratio:.4f}", f"{t.kl:.4f}", f"{t.top1:.3f}", f"{t.parameters:,}",
-                      f"{t.seconds:.1f}", "winner" if t is winner else "")
-    console.print(table)
-    console.print(f"winner: [bold]{winner.name}[/bold] (perplexity ratio {winner.ppl_ratio:.4f}, KL {winner.kl:.4f})")
+    console = console or Console(width=80)
+    for budget in dict.fromkeys(t.budget for t in trials):
+        mine = [t for t in trials if t.budget == budget]
+        winner = winners.get(budget)
+        table = Table(title=f"{budget} experts per layer on average: held-out scores", box=box.SIMPLE_HEAD,
+                      pad_edge=False)
+        for col in ("recipe", "format", "ppl ×", "KL", "top-1", "params", "s"):
+            table.add_column(col, justify="left" if col in ("recipe", "format") else "right", no_wrap=True)
+        for t in sorted((t for t in mine if t.error is None), key=lambda t: t.ppl if math.isfinite(t.ppl)
+                        else math.inf):
+            name = f"{t.name} *" if t is winner else t.name
+            table.add_row(name, t.format, f"{t.ppl_ratio:.3f}", f"{t.kl:.3f}", f"{t.top1:.3f}",
+                          _millions(t.parameters), f"{t.seconds:.0f}")
+        console.print(table)
+        for t in (t for t in mine if t.error is not None):
+            console.print(f"  {t.name}: not compared ({t.error})", overflow="fold")
+        if winner is not None:
+            console.print(f"winner (*): {winner.name}, {winner.format}, perplexity ×{winner.ppl_ratio:.3f}, "
+                          f"KL {winner.kl:.3f}\n")
+
+
+def recipe_paths(output: Path, budgets: list[int]) -> dict[int, Path]:
+    """One recipe file per budget: ``output`` itself for one budget, ``<stem>-<budget><suffix>`` for several."""
+    if len(budgets) == 1:
+        return {budgets[0]: output}
+    return {b: output.with_name(f"{output.stem}-{b}{output.suffix or '.yaml'}") for b in budgets}
+
+
+def side_files(output: Path) -> tuple[Path, Path]:
+    """``(<stem>-trials.json, <stem>-frontier.png)`` beside the recipe file."""
+    return output.with_name(f"{output.stem}-trials.json"), output.with_name(f"{output.stem}-frontier.png")
 
 
 def write_recipe(winner: Trial, path: Path) -> Recipe:
-    """The winner as a runnable recipe file; its output folder defaults to ``<file stem>-merged`` beside it."""
+    """The winner as a runnable recipe file (its format included); its output folder defaults to
+    ``<file stem>-merged`` beside it."""
     recipe = winner.recipe
     if recipe.output_path is None:
-        recipe = recipe.model_copy(update={"output_path": str(path.with_name(path.stem + "-merged"))})
-    path.write_text(f"# moemerge recommend: best of the candidates on held-out text ({winner.name})\n"
-                    + recipe.to_yaml())
+        recipe = recipe.model_copy(update={"output_path": str(path.resolve().with_name(path.stem + "-merged"))})
+    path.write_text(f"# moemerge recommend: best of the candidates on held-out text at {winner.budget} experts per "
+                    f"layer ({winner.name}, {winner.format})\n" + recipe.to_yaml())
     return recipe
+
+
+def write_outputs(trials: list[Trial], winners: dict[int, Trial], output: Path) -> list[Path]:
+    """Every winner's recipe, the trials as JSON and the frontier plot; returns the recipe files written."""
+    from .evaluate.plots import frontier
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    paths = recipe_paths(output, list(dict.fromkeys(t.budget for t in trials)))
+    for budget, winner in winners.items():
+        write_recipe(winner, paths[budget])
+    trials_json, plot = side_files(output)
+    trials_json.write_text(json.dumps({"trials": [t.to_json() for t in trials],
+                                       "winners": {str(b): w.name for b, w in winners.items()}}, indent=2))
+    ok = [t.to_json() for t in trials if t.error is None and math.isfinite(t.ppl)]
+    frontier(ok, plot, title="held-out perplexity ratio and KL against size, every candidate and budget")
+    return [paths[b] for b in winners]

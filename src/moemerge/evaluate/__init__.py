@@ -24,6 +24,22 @@ def default_ppl_sources() -> list[str]:
     return ["wikitext2"] if hub_reachable() else ["bundled:test"]
 
 
+#: longest default window: the length perplexity is usually reported at (HC-SMoE, Sub-MoE: 2048)
+DEFAULT_WINDOW = 2048
+
+
+def window_length(config, requested: int | None = None) -> tuple[int, str | None]:
+    """``(tokens per window, note)``: ``requested`` or the model's max positions (at most :data:`DEFAULT_WINDOW`);
+    a request longer than the model's positions is capped, and the note says so (it is printed, never silent)."""
+    max_pos = int(getattr(config, "max_position_embeddings", None) or DEFAULT_WINDOW)
+    if requested is None:
+        return min(DEFAULT_WINDOW, max_pos), None
+    if requested > max_pos:
+        return max_pos, (f"note: --seq-len {requested} is longer than the model's {max_pos} positions; windows of "
+                         f"{max_pos} tokens are used")
+    return requested, None
+
+
 def eval_texts(tokenizer, sources: list[str], seq_len: int, max_windows: int | None = None) -> list[EvalText]:
     """Tokenize each source once into non-overlapping windows (the first ``max_windows`` when given)."""
     out = []

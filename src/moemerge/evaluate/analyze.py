@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -247,13 +248,13 @@ def print_analysis(a: Analysis, console=None) -> None:
 
 
 def run_analysis(model: str, out_dir: str | Path, compare: str | None = None, calibration: str | None = None,
-                 n_sentences: int = 16, seq_len: int = 256, batch_size: int = 4,
+                 n_sentences: int = 16, seq_len: int | None = None, batch_size: int = 4,
                  similarities: tuple[str, ...] | list[str] = DEFAULT_SIMILARITIES, importance: bool = True,
                  text: list[str] | None = None, windows: int = 4, mask: list[str] | None = None,
                  force: list[str] | None = None, dtype: str = "auto", device: str = "auto", cache: bool = True,
                  progress: bool = True) -> tuple[Analysis, Analysis | None, Path]:
     """What ``moemerge analyze`` does: load, analyse (and the ``--compare`` model), intervene, write the report."""
-    from ..evaluate import default_ppl_sources, eval_texts
+    from ..evaluate import default_ppl_sources, eval_texts, window_length
     from ..group.similarity import SIMILARITY
     from ..loading import load_model
     from .interventions import parse_selection, perplexity_under
@@ -263,8 +264,9 @@ def run_analysis(model: str, out_dir: str | Path, compare: str | None = None, ca
     results = []
     for source in [model] + ([compare] if compare else []):
         loaded = load_model(source, dtype, device)
-        max_pos = getattr(loaded.model.config, "max_position_embeddings", seq_len) or seq_len
-        length = min(seq_len, max_pos)
+        length, note = window_length(loaded.model.config, seq_len)
+        if note:
+            print(note, file=sys.stderr)
         settings = CalibrationSettings(calibration, n_sentences, length, batch_size, 0, cache)
         held = None
         if importance or mask or force:

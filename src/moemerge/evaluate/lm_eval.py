@@ -22,6 +22,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import yaml
 
@@ -221,6 +222,25 @@ class LmEvalResult:
         return {"num_fewshot": self.num_fewshot, "tasks": {k: v.to_json() for k, v in self.tasks.items()}}
 
 
+#: lm-eval warnings that are about how moemerge calls it (an in-memory model, an explicit num_fewshot), not about
+#: the user's model or tasks: dropped by a filter on the loggers that emit them, every other warning still shows
+_EXPECTED_WARNINGS = ("`pretrained` model kwarg is not of type `str`",
+                      "Passed an already-initialized model through `pretrained`",
+                      "Overwriting default num_fewshot of")
+
+
+class _DropExpected(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_EXPECTED_WARNINGS)
+
+
+def _silence_lm_eval() -> None:
+    for name in ("lm_eval.models.huggingface", "lm_eval.evaluator"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropExpected) for f in logger.filters):
+            logger.addFilter(_DropExpected())
+
+
 def evaluate_tasks(model, tokenizer, tasks: str | list[str] | TaskSpec, num_fewshot: int = 0, batch_size: int = 8,
                    limit: int | float | None = None, log_samples: bool = False, seed: int = 0) -> LmEvalResult:
     """Run lm-eval tasks on ``model`` as it is in memory and return acc / acc_norm (± stderr) per task."""
@@ -230,13 +250,17 @@ def evaluate_tasks(model, tokenizer, tasks: str | list[str] | TaskSpec, num_fews
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
+    _silence_lm_eval()
     tm = task_manager(spec)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     try:
-        res = lm_eval.simple_evaluate(model=lm, tasks=list(spec.tasks), task_manager=tm, num_fewshot=num_fewshot,
-                                      limit=limit, log_samples=log_samples, bootstrap_iters=1000,
-                                      random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-                                      fewshot_random_seed=seed)
+        # lm-eval records the git commit of the working directory with `git describe`, which prints "fatal: not a
+        # git repository" outside one; the user's cwd says nothing about the model, so no commit is recorded
+        with mock.patch("lm_eval.evaluator.get_git_commit_hash", lambda: None):
+            res = lm_eval.simple_evaluate(model=lm, tasks=list(spec.tasks), task_manager=tm, num_fewshot=num_fewshot,
+                                          limit=limit, log_samples=log_samples, bootstrap_iters=1000,
+                                          random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+                                          fewshot_random_seed=seed)
     except (FileNotFoundError, ConnectionError) as exc:
         raise MoemergeError(f"lm-eval could not load a task's data ({str(exc).splitlines()[0]}); offline, use a "
                             f"local task YAML") from None

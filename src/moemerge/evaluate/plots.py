@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-DPI = 80
+#: a 6.4-inch figure at 150 dpi is 960 px wide: the width of a report page's text at print resolution
+DPI = 150
 
 
 def _plt():
@@ -33,9 +34,21 @@ def _save(fig, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")  # "tight": a legend placed outside the axes is kept
     _plt().close(fig)
     return path
+
+
+def _legend_outside(ax, fontsize: int = 8) -> None:
+    """The legend right of the axes, where it never covers a bar or a point."""
+    ax.legend(fontsize=fontsize, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, frameon=False)
+
+
+def _integer_axis(axis) -> None:
+    """Counts (experts, groups) and expert indices get whole-number ticks only."""
+    from matplotlib.ticker import MaxNLocator
+
+    axis.set_major_locator(MaxNLocator(integer=True))
 
 
 def _pick_layers(layers: Sequence[int], max_layers: int) -> list[int]:
@@ -80,11 +93,12 @@ def bars_per_layer(values: Mapping[int, Sequence[float]], path: str | Path, titl
         ax.set_title(f"layer {li}", fontsize=8)
         ax.tick_params(labelsize=6)
         ax.set_xlabel("expert", fontsize=7)
+        _integer_axis(ax.xaxis)
         ax.set_ylabel(ylabel, fontsize=7)
     for ax in list(axes.flat)[len(layers):]:
         ax.axis("off")
     if other is not None:
-        axes.flat[0].legend(fontsize=6)
+        _legend_outside(axes.flat[len(layers) - 1], fontsize=7)
     fig.suptitle(title, fontsize=10)
     return _save(fig, path)
 
@@ -99,6 +113,8 @@ def heatmaps(matrices: Mapping[int, np.ndarray], path: str | Path, title: str, m
     im = None
     for ax, li in zip(axes.flat, layers):
         im = ax.imshow(np.asarray(matrices[li]), vmin=vmin, vmax=vmax, cmap="RdBu_r")
+        _integer_axis(ax.xaxis)
+        _integer_axis(ax.yaxis)
         ax.set_title(f"layer {li}", fontsize=8)
         ax.tick_params(labelsize=6)
     for ax in list(axes.flat)[len(layers):]:
@@ -117,16 +133,17 @@ def lines_per_layer(series: Mapping[str, Mapping[int, float]], path: str | Path,
                     reference: float | None = None, reference_label: str = "") -> Path:
     """One line per named series over layers (router entropy, load imbalance, ...)."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(5, 3))
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
     for name, values in series.items():
         xs = sorted(values)
         ax.plot(xs, [values[x] for x in xs], marker="o", label=name)
     if reference is not None:
         ax.axhline(reference, color="grey", linestyle="--", linewidth=1, label=reference_label)
     ax.set_xlabel("layer")
+    _integer_axis(ax.xaxis)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7)
+    _legend_outside(ax)
     return _save(fig, path)
 
 
@@ -136,14 +153,15 @@ def experts_per_layer(before: Mapping[int, int], after: Mapping[int, int], path:
     plt = _plt()
     layers = sorted(before)
     x = np.arange(len(layers))
-    fig, ax = plt.subplots(figsize=(max(4, 0.35 * len(layers) + 2), 3))
+    fig, ax = plt.subplots(figsize=(max(6.4, 0.3 * len(layers) + 2), 3.6))
     ax.bar(x - 0.2, [before[l] for l in layers], 0.4, label="original", color="tab:grey")
     ax.bar(x + 0.2, [after.get(l, before[l]) for l in layers], 0.4, label="merged", color="tab:blue")
     ax.set_xticks(x, [str(l) for l in layers], fontsize=7)
     ax.set_xlabel("layer")
     ax.set_ylabel("experts")
+    _integer_axis(ax.yaxis)
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7)
+    _legend_outside(ax)
     return _save(fig, path)
 
 
@@ -152,7 +170,7 @@ def cluster_sizes(groups: Mapping[int, list[list[int]]], path: str | Path, title
     plt = _plt()
     layers = sorted(groups)
     sizes = sorted({len(g) for li in layers for g in groups[li]})
-    fig, ax = plt.subplots(figsize=(max(4, 0.35 * len(layers) + 2), 3))
+    fig, ax = plt.subplots(figsize=(max(6.4, 0.3 * len(layers) + 2), 3.6))
     bottom = np.zeros(len(layers))
     for s in sizes:
         counts = np.array([sum(1 for g in groups[li] if len(g) == s) for li in layers], dtype=float)
@@ -161,8 +179,9 @@ def cluster_sizes(groups: Mapping[int, list[list[int]]], path: str | Path, title
     ax.set_xticks(np.arange(len(layers)), [str(l) for l in layers], fontsize=7)
     ax.set_xlabel("layer")
     ax.set_ylabel("groups")
+    _integer_axis(ax.yaxis)
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=6)
+    _legend_outside(ax)
     return _save(fig, path)
 
 
@@ -185,7 +204,43 @@ def importance_vs_frequency(frequency: Mapping[int, Sequence[float]], importance
         ax2.tick_params(labelsize=6)
         ax.set_title(f"layer {li}", fontsize=8)
         ax.set_xlabel("expert", fontsize=7)
+        _integer_axis(ax.xaxis)
     for ax in list(axes.flat)[len(layers):]:
         ax.axis("off")
     fig.suptitle("expert importance (masked alone) vs activation frequency", fontsize=10)
+    return _save(fig, path)
+
+
+def frontier(points: Sequence[Mapping], path: str | Path, title: str = "size against quality") -> Path:
+    """The size-quality frontier of ``moemerge recommend``: for every candidate and budget, parameters against the
+    perplexity ratio (left) and the KL to the original (right); one colour per candidate, its budgets joined, and
+    the Pareto front (no other point both smaller and better) drawn as a black step line.
+
+    ``points``: mappings with ``name``, ``parameters``, ``ppl_ratio`` and ``kl``.
+    """
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    names = list(dict.fromkeys(p["name"] for p in points))
+    cmap = plt.get_cmap("tab20")
+    for metric, ax, label in (("ppl_ratio", axes[0], "perplexity ratio (merged / original)"),
+                              ("kl", axes[1], "KL(original ‖ merged), nats/token")):
+        for i, name in enumerate(names):
+            mine = sorted((p for p in points if p["name"] == name and math.isfinite(p[metric])),
+                          key=lambda p: p["parameters"])
+            ax.plot([p["parameters"] / 1e6 for p in mine], [p[metric] for p in mine], marker="o", markersize=4,
+                    linewidth=1, color=cmap(i % 20), label=name)
+        front, best = [], math.inf
+        for p in sorted((p for p in points if math.isfinite(p[metric])), key=lambda p: (p["parameters"], p[metric])):
+            if p[metric] < best:
+                front.append(p)
+                best = p[metric]
+        if front:
+            ax.step([p["parameters"] / 1e6 for p in front], [p[metric] for p in front], where="post", color="black",
+                    linewidth=1.5, alpha=0.6, label="Pareto front")
+        ax.set_xlabel("parameters (millions)")
+        ax.set_ylabel(label)
+        if metric == "ppl_ratio":
+            ax.set_yscale("log")  # one bad candidate (×20) would otherwise flatten the ones worth choosing (×1.1)
+    _legend_outside(axes[1], fontsize=7)
+    fig.suptitle(title, fontsize=10)
     return _save(fig, path)

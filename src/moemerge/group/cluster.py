@@ -10,8 +10,6 @@ import warnings
 from collections.abc import Callable
 
 import numpy as np
-from scipy.cluster.hierarchy import cut_tree, linkage
-from sklearn.cluster import KMeans
 
 from ..errors import MoemergeError
 from ..registry import Registry
@@ -35,6 +33,8 @@ def hierarchical(features: np.ndarray, k: int, linkage_method: str = "average", 
     _check_k(features, k)
     if k == len(features):
         return np.arange(k)
+    from scipy.cluster.hierarchy import cut_tree, linkage  # scipy/sklearn load when used: `--help` stays fast
+
     z = linkage(np.asarray(features, dtype=np.float64), method=LINKAGE.get(linkage_method), metric="euclidean")
     return cut_tree(z, n_clusters=k).reshape(-1)
 
@@ -42,6 +42,8 @@ def hierarchical(features: np.ndarray, k: int, linkage_method: str = "average", 
 @CLUSTER.register("kmeans")
 def kmeans(features: np.ndarray, k: int, seed: int = 0, random_start_center: bool = False, **_) -> np.ndarray:
     """k-means with k-means++ seeding (or random initial centres), fixed seed, best of 10 starts."""
+    from sklearn.cluster import KMeans
+
     _check_k(features, k)
     if k == len(features):
         return np.arange(k)

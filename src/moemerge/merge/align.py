@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 
 
 def neuron_features(gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
@@ -34,6 +33,8 @@ def weight_similarity(ref_gate_up: torch.Tensor, ref_down: torch.Tensor, gate_up
 def match_permutation(similarity: torch.Tensor | np.ndarray) -> np.ndarray:
     """The permutation ``perm`` maximising ``Σ_i similarity[i, perm[i]]``: neuron ``perm[i]`` of the other expert is
     matched to neuron ``i`` of the reference (exact linear assignment, scipy)."""
+    from scipy.optimize import linear_sum_assignment
+
     s = similarity.detach().cpu().numpy() if isinstance(similarity, torch.Tensor) else np.asarray(similarity)
     if not np.all(np.isfinite(s)):
         s = np.nan_to_num(s, nan=-1.0, posinf=1e300, neginf=-1e300)

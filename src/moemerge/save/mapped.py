@@ -23,7 +23,6 @@ from ..families import MoeLayer
 from ..group.plan import LayerPlan
 from ..merge import MergedLayer
 from .formats import FORMATS, Format, _set_param, adapt_rows
-from .remote.modeling_moemerge import LowRankMappedExperts, MappedExperts
 from .router_fit import split_slots
 
 REMOTE_DIR = Path(__file__).resolve().parent / "remote"
@@ -55,6 +54,8 @@ def apply_mapped(layer: MoeLayer, plan: LayerPlan, merged: MergedLayer, frequenc
     check_family(layer.family.name, "mapped")
     old = layer.experts
     hidden, inter = old.gate_up_proj.shape[2], old.down_proj.shape[2]
+    from .remote.modeling_moemerge import MappedExperts  # imports transformers' modeling: only when writing
+
     experts = MappedExperts(plan.group_of(), hidden, inter, "silu")
     experts.gate_up_proj = nn.Parameter(merged.gate_up.to(old.gate_up_proj).contiguous(), requires_grad=False)
     experts.down_proj = nn.Parameter(merged.down.to(old.down_proj).contiguous(), requires_grad=False)
@@ -102,6 +103,8 @@ def apply_lowrank(layer: MoeLayer, plan: LayerPlan, merged: MergedLayer, frequen
     hidden, inter = old.gate_up_proj.shape[2], old.down_proj.shape[2]
     factors = stack_factors(merged)
     ranks = {name: int(a.shape[2]) for name, (a, _) in factors.items()}
+    from .remote.modeling_moemerge import LowRankMappedExperts
+
     experts = LowRankMappedExperts(plan.group_of(), hidden, inter, "silu", ranks)
     like = old.gate_up_proj
     for name, (a, b) in factors.items():
