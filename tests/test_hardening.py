@@ -235,3 +235,19 @@ def test_plots_are_report_sized_with_integer_count_axes(tmp_path):
     plots._integer_axis(ax.yaxis)
     fig.canvas.draw()
     assert all(float(t).is_integer() for t in ax.get_yticks())
+
+
+def test_every_link_in_the_docs_resolves():
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    pages = [root / "README.md", *(root / "docs").glob("*.md"), *(root / "src/moemerge/zoo/models").glob("*/README.md")]
+    broken = []
+    for page in pages:
+        text = page.read_text()
+        for link in re.findall(r"\]\(([^)\s]+)\)", text):
+            target = link.split("#")[0]
+            if target and not target.startswith(("http://", "https://")) and not (page.parent / target).exists():
+                broken.append(f"{page.name}: {link}")
+        broken += [f"{page.name}: {ref}" for ref in re.findall(r"`(?:\.\./)?shared/[^`]+`", text)]
+    assert not broken, broken

@@ -35,22 +35,24 @@ def _click_type(name: str, annotation) -> tuple[Any, bool]:
 
 
 class RecipeOption(click.Option):
-    """A recipe field as an option: its help shows the recipe's default and, for method-valued fields, the
-    registered choices, looked up only when help is shown (the registries import torch; ``--help`` of the command
-    group and input errors stay instant)."""
+    """An option whose help shows registered choices, looked up only when help is shown (the registries import
+    torch; ``--help`` of the command group and input errors stay instant). For a recipe field (``field``), the
+    choices of method-valued fields and the recipe's default; otherwise the ``choices_from`` callable's names."""
 
-    def __init__(self, *args, field: str, **kwargs) -> None:
+    def __init__(self, *args, field: str | None = None, choices_from: Callable[[], list[str]] | None = None,
+                 **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.field = field
+        self.choices_from = choices_from or _METHOD_FIELDS.get(field or "")
 
     def get_help_record(self, ctx: click.Context):
         record = super().get_help_record(ctx)
         if record is None:
             return None
         extra = []
-        if self.field in _METHOD_FIELDS:
-            extra.append(f"choices: {', '.join(_METHOD_FIELDS[self.field]())}")
-        default = Recipe.model_fields[self.field].default
+        if self.choices_from is not None:
+            extra.append(f"choices: {', '.join(self.choices_from())}")
+        default = Recipe.model_fields[self.field].default if self.field else None
         if default not in (None, [], ()):
             extra.append(f"default: {default}")
         return record[0], record[1] + (f"  [{'; '.join(extra)}]" if extra else "")
@@ -93,6 +95,12 @@ def _method_names(field: str) -> Callable[[], list[str]]:
 
 _METHOD_FIELDS = {f: _method_names(f) for f in ("dominant", "similarity_base", "cluster", "linkage", "merge",
                                                 "router", "router_adapt", "prune")}
+
+
+def _preset_names() -> list[str]:
+    from .methods import PRESETS
+
+    return PRESETS.names()
 
 
 def _given(options: dict) -> dict:
@@ -143,7 +151,7 @@ def _setup_logging(verbose: bool, quiet: bool = False) -> None:
             transformers.utils.logging.disable_progress_bar()
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120, "show_default": True})
 @click.version_option(package_name="moemerge")
 def main() -> None:
     """moemerge: merge and prune the experts of Mixture-of-Experts language models, without retraining."""
@@ -156,7 +164,8 @@ def main() -> None:
 @main.command(context_settings={"max_content_width": 120})
 @click.argument("model", required=False)
 @click.option("--output", "-o", "output", help="Output folder (same as --output-path).")
-@click.option("--recipe", "recipe_file", help="Recipe YAML file or preset name; options given here override it.")
+@click.option("--recipe", "recipe_file", cls=RecipeOption, choices_from=_preset_names,
+              help="Recipe YAML file or preset name; options given here override it.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @click.option("--verbose", "-v", is_flag=True, help="Log each stage.")
 @recipe_options()
@@ -314,9 +323,10 @@ def analyze(model: str, output: str | None, compare: str | None, calibration: st
 @click.option("--output", "-o", default=None, help="Output folder (default: a temporary folder).")
 @click.option("--num-average-groups", "--num_average_groups", "groups", type=int, default=None,
               help="Experts left per layer (default: half).")
-@click.option("--router", "--format", "router", default="collapse", show_default=True,
-              help="Checkpoint format: keep, collapse, mapped, ...")
-@click.option("--recipe", "recipe_name", default="hc-smoe", show_default=True, help="Preset to run.")
+@click.option("--router", "--format", "router", default="collapse", show_default=True, cls=RecipeOption,
+              choices_from=_METHOD_FIELDS["router"], help="Checkpoint format.")
+@click.option("--recipe", "recipe_name", default="hc-smoe", show_default=True, cls=RecipeOption,
+              choices_from=_preset_names, help="Preset to run.")
 @click.option("--overwrite", is_flag=True, help="Replace --output if it exists (never done without this flag).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def demo(model_name: str | None, output: str | None, groups: int | None, router: str, recipe_name: str, overwrite: bool,
