@@ -7,7 +7,7 @@ work=$(mktemp -d /tmp/moemerge-newcomer-XXXX)
 out=docs/transcript.md
 run() {  # echo the command, then its output (stdout and stderr, as a terminal shows them), timed
   echo '```console'
-  echo "\$ $*"
+  echo "\$ $*" | sed "s|$work|/tmp/work|g"
   local t0=$SECONDS
   COLUMNS=100 "$@" 2>&1 | sed "s|$work|/tmp/work|g"
   echo "# ($((SECONDS - t0)) s)"

@@ -375,7 +375,7 @@ def demo(model_name: str | None, output: str | None, groups: int | None, router:
 @click.option("--candidates", default=None, help="Comma-separated candidate names  [default: all; choices: "
                                                  "hc-smoe, m-smoe, sub-moe, sub-moe-dagger, frequency-prune, "
                                                  "output-prune, reap, moemerge, hc-smoe+fit, m-smoe+fit, "
-                                                 "sub-moe+fit, moemerge+seq, hc-smoe+fit+rfit].")
+                                                 "sub-moe+fit, hc-smoe+fit+seq, hc-smoe+fit+rfit].")
 @click.option("--overwrite", is_flag=True, help="Replace the recipe, trials and frontier files if they exist.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @recipe_options(skip=tuple(f for f in Recipe.model_fields if f not in (

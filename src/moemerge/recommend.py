@@ -37,8 +37,9 @@ if TYPE_CHECKING:
     import torch
 
 #: candidate name -> options on top of the base recipe: every preset, then the output-fitted merge on the other
-#: presets' groupings, the house recipe calibrated layer by layer, and the best stock-router variant. Entries whose
-#: methods are not registered are skipped.
+#: presets' groupings, calibrated layer by layer on the merged model (``sequential``; the house recipe's global cut
+#: needs every layer at once, so it cannot be sequential), and the best stock-router variant. Entries whose methods
+#: are not registered are skipped.
 CANDIDATES: dict[str, dict] = {
     "hc-smoe": {"preset": "hc-smoe"},
     "m-smoe": {"preset": "m-smoe"},
@@ -51,7 +52,7 @@ CANDIDATES: dict[str, dict] = {
     "hc-smoe+fit": {"preset": "hc-smoe", "merge": "fit"},
     "m-smoe+fit": {"preset": "m-smoe", "merge": "fit"},
     "sub-moe+fit": {"preset": "sub-moe", "merge": "fit"},
-    "moemerge+seq": {"preset": "moemerge", "sequential": True},
+    "hc-smoe+fit+seq": {"preset": "hc-smoe", "merge": "fit", "sequential": True},
     "hc-smoe+fit+rfit": {"preset": "hc-smoe", "merge": "fit", "router": "collapse", "router_fit": True},
 }
 
@@ -216,7 +217,7 @@ def recommend(model_path: str, base: Recipe, names: list[str] | None = None, pro
                 trial.kl, trial.top1 = fid.get("kl", math.nan), fid.get("top1", math.nan)
                 trial.parameters = outcome.parameters_after
             except MoemergeError as exc:
-                trial.error = str(exc)
+                trial.error = _short_reason(str(exc))
             finally:
                 trial.seconds = time.perf_counter() - t0
                 source.close()
@@ -229,6 +230,16 @@ def recommend(model_path: str, base: Recipe, names: list[str] | None = None, pro
         raise MoemergeError("no candidate recipe could be merged: " + "; ".join(
             f"{t.name}: {t.error}" for t in trials))
     return trials, winners
+
+
+def _short_reason(error: str) -> str:
+    """The reason a candidate was not compared, short enough for a line under the table."""
+    import re
+
+    uneven = re.search(r"needs the same expert count in every MoE layer.*got (\[[^\]]*\])", error)
+    if uneven:
+        return f"uneven counts per layer {uneven.group(1)}, not writable compact; try --format mapped or padded"
+    return error
 
 
 def _millions(n: int) -> str:
