@@ -51,11 +51,12 @@ def check_routing_groups(recipe, spec, config, num_experts: int, top_k: int) -> 
     topk_group = int(getattr(config, spec.topk_group_key, 1) or 1)
     valid = valid_budgets(num_experts, groups, topk_group, top_k, spec.min_per_group(config))
     if target not in valid:
-        near = sorted(valid, key=lambda v: (abs(v - target), v))[:2]
+        near = [v for v in (max((v for v in valid if v < target), default=None),
+                            min((v for v in valid if v > target), default=None)) if v is not None]
         raise MoemergeError(
             f"{head}: every group must keep the same number of experts (at least {spec.min_per_group(config)}, with "
             f"topk_group={topk_group} groups holding top-k={top_k}), so {num_experts} → {target} is impossible; "
-            f"nearest valid: {', '.join(map(str, sorted(near)))} (all valid: {', '.join(map(str, valid))})")
+            f"nearest valid: {', '.join(map(str, near))} (all valid: {', '.join(map(str, valid))})")
     return groups
 
 
