@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 import moemerge
 from moemerge.errors import MoemergeError
 from moemerge.evaluate.interventions import intervene
-from moemerge.families import FAMILIES, family_of, moe_layers, tiny_model
+from moemerge.families import FAMILIES, REFUSED, family_of, moe_layers, tiny_model
 from moemerge.save.formats import adapt_rows
 from moemerge.save.router_fit import routing_kl
 
@@ -183,3 +183,22 @@ def test_infeasible_grouped_budget_is_refused_before_reading_layer_weights(group
         moemerge.run(_recipe(grouped_dir, text_file, tmp_path / "o", num_average_groups=8, router="padded"),
                      progress=False)
     assert read and not [k for k in read if ".layers." in k]
+
+
+@pytest.mark.parametrize("model_type", sorted(REFUSED))
+def test_refused_families_name_their_reason_in_one_line(model_type):
+    from types import SimpleNamespace
+
+    with pytest.raises(MoemergeError) as err:
+        family_of(SimpleNamespace(model_type=model_type))
+    assert str(err.value) == f"model_type {model_type!r} is not supported: {REFUSED[model_type]}"
+
+
+def test_a_refused_checkpoint_fails_before_reading_weights(tmp_path, text_file):
+    from transformers import GptOssConfig
+
+    d = tmp_path / "gpt-oss"
+    d.mkdir()
+    GptOssConfig(num_hidden_layers=1, hidden_size=32).save_pretrained(d)  # a config and no weights at all
+    with pytest.raises(MoemergeError, match="gpt_oss.*biases"):
+        moemerge.run(_recipe(d, text_file, tmp_path / "o", num_average_groups=4), progress=False)

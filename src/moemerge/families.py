@@ -31,6 +31,8 @@ class Routing:
       best choice score (DeepSeek-V2 ``group_limited_greedy``, ``max``) or the sum of its best two (DeepSeek-V3,
       ``top2``), the ``topk_group`` best blocks are kept and the others masked (to 0 for V2, to −inf for V3);
     * top-k of the choice scores (``sorted=False`` where the family's code asks for it, so the order matches too);
+      Granite-MoE takes the top-k of the logits first and then the softmax of those k (``topk_first``: the same
+      weights as softmax → top-k → renormalise, computed in its own order);
     * optional renormalisation of the k weights (``+ renorm_eps`` in the denominator as DeepSeek-V3 does, or a floor
       ``renorm_min`` as ERNIE does), then ``× scale`` (DeepSeek's ``routed_scaling_factor``).
     """
@@ -45,6 +47,7 @@ class Routing:
     topk_group: int = 1
     group_score: str = "top2"
     sorted_topk: bool = True
+    topk_first: bool = False
 
     def scores(self, logits: torch.Tensor) -> torch.Tensor:
         """Per-expert scores ``[T, E]`` in fp32 (before any choice bias)."""
@@ -59,6 +62,11 @@ class Routing:
         (routing interventions); a disallowed expert is never chosen and, when fewer than k are allowed, the extra
         picks get weight 0. Differentiable in ``logits`` (router refitting runs gradients through the weights).
         """
+        if self.topk_first:  # Granite-MoE: top-k of the logits, softmax over those k
+            chosen = logits.float() if allowed is None else logits.float().masked_fill(~allowed.to(logits.device),
+                                                                                       float("-inf"))
+            values, indices = torch.topk(chosen, self.top_k, dim=-1)
+            return torch.softmax(values, dim=-1) * self.scale, indices
         scores = self.scores(logits)
         choice = scores if bias is None else scores + bias.to(scores.device, torch.float32)
         if allowed is not None:
@@ -124,6 +132,7 @@ class FamilySpec:
         group_key / topk_group_key: config keys of group-limited routing (``n_group``, ``topk_group``).
         group_score: how a routing group is scored: ``max`` (DeepSeek-V2) or ``top2`` (DeepSeek-V3 and kin).
         scale_key: config key of the factor the weights are multiplied by (``routed_scaling_factor``).
+        topk_first: top-k of the logits, then softmax over the k (Granite-MoE).
         sorted_topk: whether the family's top-k returns sorted indices (``torch.topk(..., sorted=False)`` otherwise).
         tiny: config values of a tiny random model of the family (the family's tests build one from it).
     """
@@ -147,6 +156,7 @@ class FamilySpec:
     group_score: str = "top2"
     scale_key: str | None = None
     sorted_topk: bool = True
+    topk_first: bool = False
     tiny: dict = field(default_factory=dict, compare=False)
 
     def expert_groups(self, config) -> int:
@@ -194,7 +204,7 @@ class FamilySpec:
             renorm_min=None if self.renorm_min_key is None else float(getattr(config, self.renorm_min_key)),
             scale=float(getattr(config, self.scale_key, 1.0) or 1.0) if self.scale_key else 1.0,
             n_group=groups, topk_group=int(getattr(config, self.topk_group_key, 1) or 1) if groups > 1 else 1,
-            group_score=self.group_score, sorted_topk=self.sorted_topk)
+            group_score=self.group_score, sorted_topk=self.sorted_topk, topk_first=self.topk_first)
 
     def route(self, logits: torch.Tensor, config, bias: torch.Tensor | None = None,
               allowed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -419,6 +429,30 @@ FAMILIES.add("minimax_m2", FamilySpec("minimax_m2", ("minimax_m2",), ("num_local
                                       choice_bias="e_score_correction_bias", sorted_topk=False,
                                       tiny={"intermediate_size": 24, "num_local_experts": 8,
                                             "num_experts_per_tok": 2, "head_dim": 16}))
+# Granite-MoE (and Granite-MoE-Shared, whose shared MLP sits beside the block in the decoder layer): block
+# ``block_sparse_moe`` with router ``router``; top-k of the logits, then softmax over those k.
+_GRANITE = dict(num_experts_keys=("num_local_experts",), block_attr="block_sparse_moe", router_attr="router",
+                topk_first=True)
+_GRANITE_TINY = {"intermediate_size": 24, "num_local_experts": 8, "num_experts_per_tok": 2}
+FAMILIES.add("granitemoe", FamilySpec("granitemoe", ("granitemoe",), tiny=_GRANITE_TINY, **_GRANITE))
+FAMILIES.add("granitemoeshared", FamilySpec("granitemoeshared", ("granitemoeshared",),
+                                            tiny={**_GRANITE_TINY, "shared_intermediate_size": 32}, **_GRANITE))
+
+#: MoE causal LMs of transformers 5.23 that moemerge refuses, with the reason (read from their modeling code):
+#: :func:`family_of` names it before any weight is read. Supporting one exactly needs more than a FamilySpec.
+REFUSED: dict[str, str] = {
+    "gpt_oss": "its experts carry biases and a clamped SwiGLU (gate and up interleaved, transposed [E, H, 2I]) and its "
+               "router has a bias; moemerge's merge methods and formats handle bias-free fused SwiGLU experts only",
+    "llama4_text": "its router's sigmoid scores multiply the experts' input (not their output) and every expert runs "
+                   "on every token in a transposed [E, H, 2I] layout; merging by routed output would not be exact",
+    "phimoe": "its sparsemixer routing (two-pass top-2 with a jitter-threshold mask) is not one of moemerge's routing "
+              "functions, so calibration, re-routing and fitted routers would not be the model's own",
+    "dbrx": "its experts are three [E*I, H] matrices (w1, v1, w2) and its router sits at router.layer, not the fused "
+            "gate_up_proj / down_proj layout moemerge merges",
+    "jetmoe": "its expert count also sizes its mixture-of-attention experts, so the MLP experts cannot be reduced "
+              "alone",
+}
+REFUSED["llama4"] = REFUSED["llama4_text"]  # the multimodal wrapper's text model
 
 
 def tiny_model(name: str, vocab_size: int, seed: int = 0, **overrides) -> nn.Module:
@@ -443,6 +477,8 @@ def tiny_model(name: str, vocab_size: int, seed: int = 0, **overrides) -> nn.Mod
 def family_of(config) -> FamilySpec:
     """The family spec for a config, or a one-line error naming the supported ones."""
     model_type = getattr(config, "model_type", None)
+    if model_type in REFUSED:
+        raise MoemergeError(f"model_type {model_type!r} is not supported: {REFUSED[model_type]}")
     for name in FAMILIES:
         spec = FAMILIES.get(name)
         if model_type in spec.model_types:
