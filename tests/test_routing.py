@@ -97,8 +97,7 @@ def test_fitted_router_rows_for_sigmoid_scores():
     slots = [[0, 1], [2, 3, 4], [5], [6, 7]]
     kls = {name: routing_kl(weight, slots, adapt_rows(name, weight, slots, torch.ones(8), x, "sigmoid"), x,
                             "sigmoid") for name in ("mean", "fit", "kl")}
-    assert kls["kl"] <= kls["fit"] + 1e-9 and kls["kl"] < kls["mean"]
-    assert torch.equal(adapt_rows("fit", weight, slots, torch.ones(8), x, "sigmoid")[2].float(), weight[5])
+    assert kls["kl"] <= kls["fit"] + 1e-9 and kls["kl"] < 0.8 * kls["mean"]
 
 
 # ---- group-limited routing saved with fewer experts ----------------------------------------------------------------

