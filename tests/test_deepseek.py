@@ -73,11 +73,6 @@ def test_keep_with_all_groups_is_exact_and_merging_reloads(deepseek_dir, text_fi
 def test_collapse_and_pruning_follow_the_expert_groups(deepseek_dir, text_file, tmp_path):
     version, n_group, d = deepseek_dir
     out = tmp_path / "small"
-    if n_group > 1:
-        with pytest.raises(MoemergeError, match="n_group"):
-            moemerge.run(_recipe(d, text_file, out, num_average_groups=4, router="collapse"), progress=False)
-        assert not out.exists()
-        return
     for recipe in (_recipe(d, text_file, out, num_average_groups=4, router="collapse"),
                    moemerge.Recipe.load("reap", **_recipe(d, text_file, out, num_average_groups=4,
                                                           overwrite=True).model_dump(exclude_defaults=True))):
@@ -85,16 +80,22 @@ def test_collapse_and_pruning_follow_the_expert_groups(deepseek_dir, text_file, 
         model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
         assert not info["missing_keys"] and not info["unexpected_keys"]
         assert family_of(model.config).num_experts(model.config) == 4
+        assert model.config.n_group == n_group  # the routing groups stay valid
         if version == "v3":
             assert moe_layers(model)[0].router.e_score_correction_bias.shape == (4,)
         assert result.parameters_after < result.parameters_before
+        size = 8 // n_group  # every merged group stays inside one routing group, each routing group keeps 4/n_group
+        for plan in result.plan.layers.values():
+            assert all(len({e // size for e in g}) == 1 for g in plan.groups)
+            assert [g[0] // size for g in plan.groups] == sorted(b for b in range(n_group) for _ in range(4 // n_group))
 
 
-def test_rerouting_features_are_refused(deepseek_dir, text_file, tmp_path):
+def test_router_refit_runs_with_the_family_routing(deepseek_dir, text_file, tmp_path):
     _, _, d = deepseek_dir
-    with pytest.raises(MoemergeError, match="router_fit|n_group"):
-        moemerge.run(_recipe(d, text_file, tmp_path / "o", num_average_groups=4, router="collapse",
-                             router_fit=True), progress=False)
+    result = moemerge.run(_recipe(d, text_file, tmp_path / "o", num_average_groups=4, router="collapse",
+                                  router_fit=True), progress=False)
+    assert set(result.router_fit) == {1, 2}
+    assert all(after <= before for before, after in result.router_fit.values())
 
 
 def test_formats_with_shipped_code_are_refused_in_one_line(deepseek_dir, text_file, tmp_path):

@@ -59,3 +59,65 @@ def test_collapsed_merge_shrinks_and_reloads_stock(family_dir, text_file, tmp_pa
     saved = json.loads((out / "config.json").read_text())
     original = json.loads((d / "config.json").read_text())
     assert {k for k in original if original[k] != saved.get(k)} <= set(spec.num_experts_keys)
+
+
+def test_routing_statistics_equal_the_family_router(family_dir, text_file):
+    """Calibration (the executor's layer-by-layer walk) counts exactly the experts the family's own router picks when
+    the stock model runs on the same windows."""
+    from moemerge.calibrate import CalibrationSettings, calibration_windows
+    from moemerge.pipeline import calibrate
+
+    _, d = family_dir
+    loaded = moemerge.load_model(str(d), dtype="float32", device="cpu")
+    settings = CalibrationSettings(str(text_file), n_sentences=4, seq_len=32, train_batch_size=2, use_cache=False)
+    stats = calibrate(loaded, settings, ["frequency"], progress=False)
+    windows, _ = calibration_windows(loaded.tokenizer, settings)
+    counts, handles = {}, []
+    for layer in moe_layers(loaded.model):
+        def hook(module, args, output, layer=layer):
+            counts[layer.index] = counts.get(layer.index, 0) + torch.bincount(output[2].flatten(),
+                                                                               minlength=layer.num_experts)
+        handles.append(layer.router.register_forward_hook(hook))
+    with torch.no_grad():
+        loaded.model(input_ids=windows)
+    for h in handles:
+        h.remove()
+    for li, c in counts.items():
+        assert torch.equal(stats.get(li, "frequency")["counts"].long(), c.long())
+
+
+FORMAT_CASES = {"keep": dict(router="keep"), "compact": dict(router="compact"),
+                "padded": dict(router="padded", dominant="frequency"),
+                "prune": dict(router="compact", prune="reap", merge="freq"),
+                "mapped": dict(router="mapped"), "lowrank": dict(router="lowrank")}
+
+
+@pytest.mark.parametrize("fmt", list(FORMAT_CASES))
+def test_half_merge_in_every_format_reloads(family_dir, text_file, tmp_path, tokenizer, fmt):
+    """8 → 4 experts per layer in each format: stock formats reload with stock ``from_pretrained`` (zero missing or
+    unexpected keys) and give the in-memory merged model's logits; formats that ship modeling code are refused in
+    one line for families they do not cover (their own tests are in test_formats.py)."""
+    from moemerge.save.mapped import REMOTE_CLASSES
+
+    family, d = family_dir
+    recipe = _recipe(d, text_file, tmp_path / "o", num_average_groups=4, **FORMAT_CASES[fmt])
+    loaded = moemerge.load_model(str(d), dtype="float32", device="cpu")
+    if fmt in ("mapped", "lowrank") and family not in REMOTE_CLASSES:
+        with pytest.raises(moemerge.MoemergeError, match="modeling code") as err:
+            moemerge.merge_model(loaded, recipe, progress=False)
+        assert "\n" not in str(err.value)
+        return
+    if fmt in ("mapped", "lowrank"):
+        pytest.skip("mapped / lowrank checkpoints of this family are tested in test_formats.py")
+    result = moemerge.merge_model(loaded, recipe, progress=False)
+    counts = result.plan.counts()
+    assert sum(counts.values()) == 4 * len(counts)  # padded: non-uniform counts, padded to the largest
+    assert fmt == "padded" or set(counts.values()) == {4}
+    out = tmp_path / "saved"
+    moemerge.save_checkpoint(loaded.model, tokenizer, out, json.loads((d / "config.json").read_text()))
+    reloaded, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True, dtype=torch.float32)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    ids = tokenizer("def fibonacci(n): And God said, Let there be light", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert (reloaded(input_ids=ids).logits - loaded.model(input_ids=ids).logits).abs().max() <= 1e-5
+

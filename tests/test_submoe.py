@@ -55,11 +55,9 @@ def _covs(n: int, d: int, seed: int = 1) -> torch.Tensor:
 def test_expert_output_cosine_matches_pairwise_definition(family):
     model = make_model(family)
     layer = moe_layers(model)[0]
-    spec = family_of(model.config)
     hidden = torch.randn(40, model.config.hidden_size)
     with torch.no_grad():
-        weights, index = spec.route(hidden @ layer.router.weight.T, spec.top_k(model.config),
-                                    spec.renormalizes(model.config))
+        weights, index = layer.route(hidden @ layer.router_weight.T, model.config)
         batch = LayerBatch(layer, hidden, index, weights, None)
         stat = STATISTICS.get("expert_output_cosine")(layer, hidden.device)
         stat.update(batch)
@@ -74,10 +72,9 @@ def test_expert_output_cosine_matches_pairwise_definition(family):
 def test_intermediate_cov_matches_routed_tokens():
     model = make_model("qwen2_moe")
     layer = moe_layers(model)[1]
-    spec = family_of(model.config)
     hidden = torch.randn(30, model.config.hidden_size)
     with torch.no_grad():
-        weights, index = spec.route(hidden @ layer.router.weight.T, spec.top_k(model.config), False)
+        weights, index = layer.route(hidden @ layer.router_weight.T, model.config)
         stat = STATISTICS.get("intermediate_cov")(layer, hidden.device)
         stat.update(LayerBatch(layer, hidden, index, weights, None))
         gate_up, _ = layer.expert_weights()

@@ -187,7 +187,7 @@ def fingerprint(model: nn.Module | None, local_dir: Path | None = None, source: 
         h.update(source.encode())
         h.update(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
         for layer in moe_layers(model):
-            for t in (*layer.expert_weights(), layer.router.weight.data):
+            for t in (*layer.expert_weights(), layer.router_weight.data):
                 t64 = t.double()
                 h.update(f"{t64.sum().item():.10e}:{t64.abs().sum().item():.10e}".encode())
     return h.hexdigest()[:16]

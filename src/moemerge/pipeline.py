@@ -31,6 +31,7 @@ from .families import FamilySpec
 from .group import merged_layers, uniform_targets
 from .group.dominant import check_group_limit
 from .group.plan import MergePlan
+from .group.routing_groups import check_routing_groups
 from .loading import LoadedModel, cache_root, open_checkpoint, resolve_device, resolve_dtype
 from .recipe import Recipe, parse_size
 from .save import FORMATS, SaveReport, edited_config, folder_bytes, original_config, set_expert_count
@@ -111,17 +112,15 @@ def validate_for_model(recipe: Recipe, source: LayerSource) -> None:
         check_group_limit(v.num_experts, recipe.num_average_groups, recipe.group_limit, v.index)
     shrinks = FORMATS.get(recipe.router).changes_count
     if shrinks and spec.expert_groups(config) > 1:
-        raise MoemergeError(f"{spec.name} routes within {spec.expert_groups(config)} groups of contiguous "
-                            f"experts (n_group), which a changed expert count would scramble; use --format keep")
+        if FORMATS.get(recipe.router).padded:
+            raise MoemergeError(f"{spec.name} routes within n_group={spec.expert_groups(config)} groups of contiguous "
+                                f"experts; router={recipe.router} pads layers by splitting router rows, which does "
+                                f"not keep the groups equal (use --format compact or keep)")
+        check_routing_groups(recipe, spec, config, layers[0].num_experts, top_k)
     if FORMATS.get(recipe.router).remote_code:
         from .save.mapped import check_family
 
         check_family(spec.name, recipe.router)
-    if recipe.router_fit and not spec.route_exact:
-        raise MoemergeError(f"router_fit re-routes tokens with softmax top-k, which is not {spec.name}'s routing")
-    if shrinks and spec.scoring != "softmax" and "router_adapt" in recipe.explicit() and recipe.router_adapt != "mean":
-        raise MoemergeError(f"router_adapt={recipe.router_adapt} fits softmax routing; {spec.name} scores experts "
-                            f"with a {spec.scoring}, so only router_adapt=mean applies")
     if recipe.router == "collapse" and recipe.start_layer > min(v.index for v in views):
         raise MoemergeError("router=collapse needs every MoE layer merged to one count; start_layer leaves "
                             "earlier layers with all experts (use --router keep)")

@@ -114,7 +114,7 @@ def analyze(loaded: LoadedModel, settings: CalibrationSettings,
         li = layer.index
         freq = stats.frequency(li).numpy()
         ent = stats.get(li, "router_entropy")
-        la = LayerAnalysis(li, layer.router.weight.shape[0], freq.tolist(),
+        la = LayerAnalysis(li, layer.router_weight.shape[0], freq.tolist(),
                            float(ent["sum"] / ent["tokens"].clamp_min(1)), imbalance(freq))
         for s in similarities:
             la.similarity[s] = cosine_matrix(SIMILARITY.get(s).features(stats, layer)).tolist()
@@ -124,7 +124,7 @@ def analyze(loaded: LoadedModel, settings: CalibrationSettings,
     analysis = Analysis(loaded.source, spec.name, spec.top_k(model.config), layers,
                         {k: stats.meta.get(k) for k in ("calibration", "windows", "model_runs", "from_cache")},
                         merge_info=info)
-    if importance_windows is not None and spec.route_exact:  # masking re-routes tokens (not for DeepSeek)
+    if importance_windows is not None:  # masking re-routes tokens with the family's own routing
         from .interventions import expert_importance
 
         analysis.base_loss, imp = expert_importance(model, importance_windows, batch_size, progress=progress)

@@ -2,8 +2,10 @@
 
 A forward hook on each router replaces its output ``(router_logits, top_k_weights, top_k_index)``: the logits of
 masked experts (or, when forcing, of every expert *not* chosen) become −inf, and the weights and indices the MoE
-block uses are recomputed from the edited logits with the family's own routing (:meth:`FamilySpec.route`), so the
-top-k, softmax and renormalisation are exactly the model's. Removing the hooks restores the model bit for bit.
+block uses are recomputed with the family's own routing (:meth:`FamilySpec.route`: softmax or sigmoid scores, the
+score-correction bias, group-limited choice, renormalisation and scaling exactly as the model's), with the blocked
+experts excluded from the choice itself (a sigmoid router's bias could otherwise still pick an expert whose logit is
+−inf). Removing the hooks restores the model bit for bit.
 
 >>> with intervene(model, mask={0: [3, 5]}):
 ...     loss = ...            # layer 0 never routes to experts 3 and 5
@@ -20,7 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import MoemergeError
-from ..families import family_of, moe_layers
+from ..families import moe_layers
 from .perplexity import window_nll
 
 Selection = dict[int, list[int]]  # MoE layer index -> expert indices
@@ -61,12 +63,8 @@ def _check(selection: Selection, sizes: dict[int, int], what: str) -> None:
 def intervene(model: nn.Module, mask: Selection | None = None, force: Selection | None = None) -> Iterator[None]:
     """Within the block, routers never pick ``mask`` experts and pick only among ``force`` experts."""
     mask, force = mask or {}, force or {}
-    spec = family_of(model.config)
-    if (mask or force) and not spec.route_exact:
-        raise MoemergeError(f"routing interventions re-route with softmax top-k, which is not {spec.name}'s routing")
-    top_k, renorm = spec.top_k(model.config), spec.renormalizes(model.config)
     layers = {layer.index: layer for layer in moe_layers(model)}
-    sizes = {li: layer.router.weight.shape[0] for li, layer in layers.items()}
+    sizes = {li: layer.router_weight.shape[0] for li, layer in layers.items()}
     _check(mask, sizes, "mask")
     _check(force, sizes, "force")
     handles = []
@@ -80,7 +78,7 @@ def intervene(model: nn.Module, mask: Selection | None = None, force: Selection 
         blocked[mask.get(li, [])] = True
         if bool(blocked.all()):
             raise MoemergeError(f"layer {li}: the intervention leaves no expert to route to")
-        handles.append(layer.router.register_forward_hook(_router_hook(blocked, top_k, renorm, spec)))
+        handles.append(layer.router.register_forward_hook(_router_hook(layer, blocked, model.config)))
     try:
         yield
     finally:
@@ -88,12 +86,13 @@ def intervene(model: nn.Module, mask: Selection | None = None, force: Selection 
             h.remove()
 
 
-def _router_hook(blocked: torch.Tensor, top_k: int, renorm: bool, spec):
+def _router_hook(layer, blocked: torch.Tensor, config):
     def hook(module: nn.Module, args, output):
         logits, weights, _ = output
-        edited = logits.masked_fill(blocked.to(logits.device), float("-inf"))
-        # Fewer allowed experts than top-k: the extra picks get probability 0, i.e. weight 0, so they add nothing.
-        new_w, new_i = spec.route(edited, top_k, renorm)
+        allowed = ~blocked.to(logits.device)
+        edited = logits.masked_fill(~allowed, float("-inf"))
+        # Fewer allowed experts than top-k: the extra picks get weight 0, so they add nothing.
+        new_w, new_i = layer.route(edited, config, allowed=allowed)
         return edited, new_w.to(weights.dtype), new_i
 
     return hook
@@ -117,7 +116,7 @@ def expert_importance(model: nn.Module, windows: torch.Tensor, batch_size: int =
     base = loss(model, windows, batch_size)
     out: dict[int, list[float]] = {}
     targets = [l for l in moe_layers(model) if layers is None or l.index in layers]
-    jobs = [(l.index, e) for l in targets for e in range(l.router.weight.shape[0])]
+    jobs = [(l.index, e) for l in targets for e in range(l.router_weight.shape[0])]
     for li, e in tqdm(jobs, desc="importance", unit="expert", disable=not progress):
         with intervene(model, mask={li: [e]}):
             out.setdefault(li, []).append(loss(model, windows, batch_size) - base)

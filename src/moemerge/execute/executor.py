@@ -160,6 +160,9 @@ class _Walk:
         self.spec = source.family
         self.config = source.config
         self.top_k = self.spec.top_k(self.config)
+        # A format that changes the expert count must keep group-limited routing's groups equal (group.routing_groups)
+        self.routing_groups = self.spec.expert_groups(self.config) \
+            if FORMATS.get(recipe.router).changes_count else 1
         self.views = {v.index: v for v in source.moe_views()}
         self.merging = job.statistics is None and (job.plan is not None or (
             recipe.merge != "no" and recipe.num_average_groups is not None))
@@ -241,7 +244,8 @@ class _Walk:
                 self._walk(plan_only=True)
             with self.clock("group"):
                 if self.job.ranks.main:
-                    self.plan = plan_groups(recipe, self.stats, list(self.views.values()), self.top_k)
+                    self.plan = plan_groups(recipe, self.stats, list(self.views.values()), self.top_k,
+                                            self.routing_groups)
                 self.plan = self.job.ranks.broadcast(self.plan)  # one plan for every rank
                 check_plan(self.plan, recipe.router, self.top_k)
         self._walk(plan_only=False)
@@ -384,7 +388,7 @@ class _Walk:
         recipe = self.recipe
         with self.clock("group"):
             if per_layer_plan:
-                layer_plan = plan_groups(recipe, self.stats, [view], self.top_k).layers[i] \
+                layer_plan = plan_groups(recipe, self.stats, [view], self.top_k, self.routing_groups).layers[i] \
                     if self.job.ranks.main else None
                 layer_plan = self.job.ranks.broadcast(layer_plan)
                 check_plan(MergePlan({i: layer_plan}), recipe.router, self.top_k)
@@ -427,8 +431,7 @@ class _Walk:
             extra = {"num_slots": self._num_slots()} if fmt.padded else {}
             fmt.apply(view, layer_plan, merged, self.frequencies[i], self.adapt, inputs=inputs, **extra)
             if sample is not None and sample.count:
-                self.router_fit[i] = refit_layer(view, sample.result(), self.top_k,
-                                                 self.spec.renormalizes(self.config))
+                self.router_fit[i] = refit_layer(view, sample.result(), self.config)
         return True, calib_out
 
     def _num_slots(self) -> int:

@@ -34,6 +34,7 @@ class GroupingContext:
     layers: list[MoeLayer]  # the MoE layers to merge (start_layer applied)
     top_k: int
     targets: dict[int, int]  # groups wanted per layer index
+    routing_groups: int = 1  # > 1: plan inside the router's groups of contiguous experts (.routing_groups)
 
     def features(self, layer: MoeLayer) -> np.ndarray:
         return SIMILARITY.get(self.recipe.similarity_base).features(self.stats, layer)
@@ -84,14 +85,17 @@ def merged_layers(all_layers: list[MoeLayer], start_layer: int) -> list[MoeLayer
     return [layer for layer in all_layers if layer.index >= start_layer]
 
 
-def plan_groups(recipe: Recipe, stats: Stats, all_layers: list[MoeLayer], top_k: int) -> MergePlan:
-    """The plan for every MoE layer: strategy ``recipe.dominant`` on layers from ``start_layer``, identity before."""
+def plan_groups(recipe: Recipe, stats: Stats, all_layers: list[MoeLayer], top_k: int,
+                routing_groups: int = 1) -> MergePlan:
+    """The plan for every MoE layer: strategy ``recipe.dominant`` on layers from ``start_layer``, identity before.
+    ``routing_groups > 1`` (group-limited routing saved with fewer experts): every routing group of contiguous
+    experts is planned on its own to the same count (:mod:`.routing_groups`)."""
     layers = merged_layers(all_layers, recipe.start_layer)
     plans = {layer.index: LayerPlan.identity(layer.index, layer.num_experts) for layer in all_layers}
     if recipe.num_average_groups is None or not layers:
         return MergePlan(plans)
     targets = uniform_targets(layers, recipe.num_average_groups, top_k)
-    ctx = GroupingContext(recipe, stats, layers, top_k, targets)
+    ctx = GroupingContext(recipe, stats, layers, top_k, targets, routing_groups)
     if recipe.multi_layer > 1:  # Sub-MoE adaptive allocation: same total, counts chosen per block of layers
         if not GROUPING.get(recipe.dominant).uses_similarity:
             raise MoemergeError(f"multi_layer={recipe.multi_layer} prices clusterings, so it needs a clustering "

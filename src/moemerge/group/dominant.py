@@ -61,9 +61,11 @@ def assign_to_dominants(layer: int, similarity: np.ndarray, dominants: list[int]
     return LayerPlan(layer, num_experts, [g for g, _ in ordered], [d for _, d in ordered])
 
 
-def random_plan(layer: int, num_experts: int, groups: int, seed: int, limit: int | None = None) -> LayerPlan:
+def random_plan(layer: int, num_experts: int, groups: int, seed: int, limit: int | None = None,
+                block: int | None = None) -> LayerPlan:
+    """Random groups of near-equal size; ``block`` (a routing group planned on its own) gets its own stream."""
     check_group_limit(num_experts, groups, limit, layer)
-    rng = np.random.default_rng([seed, layer])
+    rng = np.random.default_rng([seed, layer] if block is None else [seed, layer, block])
     parts = np.array_split(rng.permutation(num_experts), groups)
     ordered = sorted((sorted(int(e) for e in p), int(p[0])) for p in parts)
     return LayerPlan(layer, num_experts, [g for g, _ in ordered], [d for _, d in ordered])

@@ -65,6 +65,10 @@ def prune_layers(ctx: GroupingContext) -> dict[int, LayerPlan]:
 def run_grouping(ctx: GroupingContext) -> dict[int, LayerPlan]:
     """The plans of the merged layers for the recipe's grouping options."""
     recipe = ctx.recipe
+    if ctx.routing_groups > 1:
+        from .routing_groups import blockwise_plans
+
+        return blockwise_plans(ctx, ctx.routing_groups)
     if recipe.prune != "no":
         return prune_layers(ctx)
     if recipe.hierarchical_stopping_metric:

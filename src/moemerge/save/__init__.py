@@ -20,9 +20,9 @@ __all__ = ["FORMATS", "ROUTER_ADAPT", "check_plan", "apply_plan", "SaveReport", 
 
 
 def router_adapt_for(recipe, spec) -> str:
-    """The router adaptation actually used: fitted rows approximate a softmax, so sigmoid-scored routers
-    (DeepSeek-V3) get the mean row."""
-    return recipe.router_adapt if spec.scoring == "softmax" else "mean"
+    """The router adaptation actually used: the recipe's, for every scoring (the fitted rows of
+    :mod:`.router_fit` have softmax and sigmoid targets)."""
+    return recipe.router_adapt
 
 
 def router_statistics(router: str, router_adapt: str) -> list[str]:

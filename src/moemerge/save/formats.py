@@ -47,15 +47,16 @@ ROUTER_ADAPT: Registry[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = R
 
 
 def adapt_rows(name: str, weight: torch.Tensor, slots: list[list[int]], frequency: torch.Tensor,
-               inputs: torch.Tensor | None = None) -> torch.Tensor:
+               inputs: torch.Tensor | None = None, scoring: str = "softmax") -> torch.Tensor:
     """One router row per slot ``[G, H]`` (fp64) from the original rows ``weight [N, H]`` with ``router_adapt``
     ``name``. Per-group entries take ``(rows [n, H], frequency [n]) -> [H]``; entries with ``needs_inputs`` work on
-    the whole layer with calibration router inputs. If every slot is one original row, the rows are copied (exact)."""
+    the whole layer with calibration router inputs and the family's ``scoring`` (softmax or sigmoid). If every slot
+    is one original row, the rows are copied (exact)."""
     fn = ROUTER_ADAPT.get(name)
     if all(len(s) == 1 for s in slots):
         return weight[[s[0] for s in slots]].to(torch.float64)
     if getattr(fn, "needs_inputs", False):
-        return fn(weight, slots, frequency, inputs)
+        return fn(weight, slots, frequency, inputs, scoring=scoring)
     return torch.stack([fn(weight[s], frequency[s]) for s in slots])
 
 
@@ -64,6 +65,23 @@ def mean_row(rows: torch.Tensor, frequency: torch.Tensor) -> torch.Tensor:
     """Frequency-weighted mean of the members' router rows."""
     alpha = frequency_weights(frequency).to(torch.float64)
     return (alpha[:, None] * rows.to(torch.float64)).sum(0)
+
+
+def merged_bias(layer: MoeLayer, slots: list[list[int]], frequency: torch.Tensor) -> None:
+    """Cut the layer's score-correction bias (DeepSeek-V3 and kin) in lockstep with its router rows: one entry per
+    slot, the frequency-weighted mean of its members' (a slot of one expert keeps that expert's bias exactly)."""
+    old = layer.choice_bias
+    if old is None:
+        return
+    values = [(frequency_weights(frequency[s]).to(old) * old[s]).sum() for s in slots]
+    layer.set_choice_bias(torch.stack(values))
+
+
+def set_count(layer: MoeLayer, count: int) -> None:
+    """The modules' own expert counts, for the code that reads them at run time (one-hot sizes, group views)."""
+    for module in (layer.experts, layer.router, layer.block):
+        if hasattr(module, "num_experts"):
+            module.num_experts = count
 
 
 def _set_param(module: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -81,17 +99,13 @@ def apply_keep(layer: MoeLayer, plan: LayerPlan, merged: MergedLayer, frequency:
 
 def apply_collapse(layer: MoeLayer, plan: LayerPlan, merged: MergedLayer, frequency: torch.Tensor,
                    adapt: str = "mean", inputs: torch.Tensor | None = None) -> None:
-    weight = layer.router.weight.data
-    rows = adapt_rows(adapt, weight, plan.groups, frequency, inputs)
+    weight = layer.router_weight.data
+    rows = adapt_rows(adapt, weight, plan.groups, frequency, inputs, layer.family.scoring)
     _set_param(layer.experts, "gate_up_proj", merged.gate_up)
     _set_param(layer.experts, "down_proj", merged.down)
-    _set_param(layer.router, "weight", rows)
-    for name in layer.family.router_buffers:  # e.g. DeepSeek-V3's score-correction bias: one entry per group
-        old = getattr(layer.router, name)
-        alpha = [frequency_weights(frequency[g]).to(old) for g in plan.groups]
-        setattr(layer.router, name, torch.stack([(a * old[g]).sum() for a, g in zip(alpha, plan.groups)]))
-    for module in (layer.experts, layer.router):
-        module.num_experts = plan.num_groups
+    layer.set_router_weight(rows)
+    merged_bias(layer, plan.groups, frequency)
+    set_count(layer, plan.num_groups)
 
 
 FORMATS.add("keep", Format(apply_keep, changes_count=False, supports_dropping=False,

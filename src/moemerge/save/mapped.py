@@ -22,7 +22,7 @@ from ..errors import MoemergeError
 from ..families import MoeLayer
 from ..group.plan import LayerPlan
 from ..merge import MergedLayer
-from .formats import FORMATS, Format, _set_param, adapt_rows
+from .formats import FORMATS, Format, _set_param, adapt_rows, merged_bias, set_count
 from .router_fit import split_slots
 
 REMOTE_DIR = Path(__file__).resolve().parent / "remote"
@@ -117,13 +117,13 @@ def apply_padded(layer: MoeLayer, plan: LayerPlan, merged: MergedLayer, frequenc
                  adapt: str = "mean", inputs: torch.Tensor | None = None, num_slots: int | None = None) -> None:
     """Stock layout with ``num_slots`` experts: slots split groups' router rows and copy their merged expert."""
     slots, owner = split_slots(plan.groups, frequency, num_slots or plan.num_groups)
-    rows = adapt_rows(adapt, layer.router.weight.data, slots, frequency, inputs)
+    rows = adapt_rows(adapt, layer.router_weight.data, slots, frequency, inputs, layer.family.scoring)
     index = torch.tensor(owner, device=merged.gate_up.device)
     _set_param(layer.experts, "gate_up_proj", merged.gate_up[index])
     _set_param(layer.experts, "down_proj", merged.down[index])
-    _set_param(layer.router, "weight", rows)
-    for module in (layer.experts, layer.router):
-        module.num_experts = len(slots)
+    layer.set_router_weight(rows)
+    merged_bias(layer, slots, frequency)  # a split-off slot keeps its member's bias; a shared one the mean
+    set_count(layer, len(slots))
 
 
 FORMATS.add("mapped", Format(apply_mapped, changes_count=False, supports_dropping=False, remote_code=True,

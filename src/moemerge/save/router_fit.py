@@ -11,6 +11,16 @@ rows on a sample of calibration router inputs (statistic ``router_inputs``):
 
 ``mean`` (frequency-weighted mean of the member rows, no data) lives in :mod:`.formats`.
 
+Sigmoid-scored routers (DeepSeek-V3, GLM-4.5, dots.llm1, MiniMax-M2): with all N rows kept, the members of a slot
+add up their scores ``m_g(x) = Σ_{j in g} σ(w_j . x)`` (the block's weights are those scores, renormalised over the
+chosen experts). One sigmoid can give at most 1, so ``fit`` fits ``r_g . x ~ logit(m_g / n)`` with ``n`` the largest
+slot size: a factor common to every slot, which the renormalisation over the chosen slots cancels (the bias, added
+for the choice only, is not scaled, so the choice can still differ). ``kl`` minimises KL(m / Σ m || σ(R x) /
+Σ σ(R x)), the renormalised group distributions, starting from ``fit``. Measured on random routers (8 experts in
+slots of 2, 3, 1 and 2, 500 tokens, 3 seeds): mean KL 0.086 / 0.074 / 0.078 nats for ``mean``, 0.076 / 0.074 /
+0.067 for ``fit``, 0.054 / 0.047 / 0.047 for ``kl``. The score-correction
+bias of a slot (choice only) is cut alongside by the format (:func:`.formats.merged_bias`).
+
 Not registered: least squares with a free per-token constant (targets centred over groups). It is provably the same
 router as ``fit``: each row is the same linear map of its target, so centring the targets only subtracts one common
 row from every row, which softmax ignores (measured: identical KL to 4 decimals).
@@ -23,11 +33,25 @@ import torch
 from ..errors import MoemergeError
 from .formats import ROUTER_ADAPT
 
+#: sigmoid targets are clipped to (ε, 1 - ε) before the logit (guards against round-off only: m_g / n < 1)
+SIGMOID_EPS = 1e-6
 
-def group_log_mass(weight: torch.Tensor, slots: list[list[int]], inputs: torch.Tensor) -> torch.Tensor:
-    """``[S, G]``: log of each slot's unnormalised routing mass, ``logsumexp`` of its members' logits."""
+
+def group_log_mass(weight: torch.Tensor, slots: list[list[int]], inputs: torch.Tensor,
+                   scoring: str = "softmax") -> torch.Tensor:
+    """``[S, G]``: log of each slot's unnormalised routing mass: ``logsumexp`` of its members' logits (softmax), or
+    the log of its members' summed sigmoid scores (sigmoid)."""
     logits = inputs.to(torch.float64) @ weight.to(torch.float64).T  # [S, N]
+    if scoring == "sigmoid":
+        logs = torch.nn.functional.logsigmoid(logits)
+        return torch.stack([torch.logsumexp(logs[:, s], dim=1) for s in slots], dim=1)
     return torch.stack([torch.logsumexp(logits[:, s], dim=1) for s in slots], dim=1)
+
+
+def _new_log_mass(rows: torch.Tensor, x: torch.Tensor, scoring: str) -> torch.Tensor:
+    """``[S, G]``: log of the unnormalised mass the new rows give each slot."""
+    logits = x @ rows.T
+    return torch.nn.functional.logsigmoid(logits) if scoring == "sigmoid" else logits
 
 
 def exact_group_probs(weight: torch.Tensor, slots: list[list[int]], inputs: torch.Tensor) -> torch.Tensor:
@@ -36,10 +60,12 @@ def exact_group_probs(weight: torch.Tensor, slots: list[list[int]], inputs: torc
     return torch.softmax(group_log_mass(weight, slots, inputs), dim=1)
 
 
-def routing_kl(weight: torch.Tensor, slots: list[list[int]], rows: torch.Tensor, inputs: torch.Tensor) -> float:
-    """Mean KL(exact group routing || softmax(rows . x)) over the tokens ``inputs`` (nats)."""
-    logp = torch.log_softmax(group_log_mass(weight, slots, inputs), dim=1)
-    logq = torch.log_softmax(inputs.to(torch.float64) @ rows.to(torch.float64).T, dim=1)
+def routing_kl(weight: torch.Tensor, slots: list[list[int]], rows: torch.Tensor, inputs: torch.Tensor,
+               scoring: str = "softmax") -> float:
+    """Mean KL(exact group routing || routing of the new ``rows``) over the tokens ``inputs`` (nats), both
+    distributions renormalised over the slots."""
+    logp = torch.log_softmax(group_log_mass(weight, slots, inputs, scoring), dim=1)
+    logq = torch.log_softmax(_new_log_mass(rows.to(torch.float64), inputs.to(torch.float64), scoring), dim=1)
     return float((logp.exp() * (logp - logq)).sum(1).mean())
 
 
@@ -61,18 +87,27 @@ def _check_inputs(name: str, inputs: torch.Tensor | None, hidden: int) -> torch.
 
 
 def fit_rows(weight: torch.Tensor, slots: list[list[int]], frequency: torch.Tensor,
-             inputs: torch.Tensor | None) -> torch.Tensor:
-    """Least squares per group: ``r_g = argmin sum_t (r . x_t - lse_g(x_t))^2``. Singleton slots keep their row."""
+             inputs: torch.Tensor | None, scoring: str = "softmax") -> torch.Tensor:
+    """Least squares per group: ``r_g = argmin sum_t (r . x_t - lse_g(x_t))^2`` (softmax; singleton slots keep their
+    row) or ``(r . x_t - logit(m_g(x_t) / n))^2`` with ``n`` the largest slot size (sigmoid, module docstring; every
+    slot is fitted, singletons too, so that all share the common factor ``1 / n``)."""
     inputs = _check_inputs("fit", inputs, weight.shape[1])
-    rows = _ridge_solve(inputs, group_log_mass(weight, slots, inputs))
+    target = group_log_mass(weight, slots, inputs, scoring)
+    if scoring == "sigmoid":
+        # Σ of up to n sigmoid scores / n is a score one sigmoid can give; a common factor leaves the renormalised
+        # weights of the chosen slots unchanged
+        largest = max(len(s) for s in slots)
+        mass = (target.exp() / largest).clamp(SIGMOID_EPS, 1 - SIGMOID_EPS)
+        target = torch.log(mass) - torch.log1p(-mass)  # logit
+    rows = _ridge_solve(inputs, target)
     for g, s in enumerate(slots):
-        if len(s) == 1:
+        if len(s) == 1 and scoring != "sigmoid":
             rows[g] = weight[s[0]].to(rows.dtype)
     return rows
 
 
 def fit_centered_rows(weight: torch.Tensor, slots: list[list[int]], frequency: torch.Tensor,
-                      inputs: torch.Tensor | None) -> torch.Tensor:
+                      inputs: torch.Tensor | None, scoring: str = "softmax") -> torch.Tensor:
     """Least squares on group log-masses centred over groups: a per-token constant is free because softmax
     ignores it. The minimum-norm solution has rows summing to zero (a gauge choice that changes nothing)."""
     inputs = _check_inputs("fit_centered", inputs, weight.shape[1])
@@ -81,19 +116,21 @@ def fit_centered_rows(weight: torch.Tensor, slots: list[list[int]], frequency: t
 
 
 def kl_rows(weight: torch.Tensor, slots: list[list[int]], frequency: torch.Tensor, inputs: torch.Tensor | None,
-            steps: int = 60) -> torch.Tensor:
-    """``fit_centered`` refined by L-BFGS on the mean KL(exact group routing || softmax(R x)) of the calibration
-    tokens. Deterministic (full batch)."""
+            steps: int = 60, scoring: str = "softmax") -> torch.Tensor:
+    """``fit_centered`` (softmax) or ``fit`` (sigmoid) refined by L-BFGS on the mean KL(exact group routing ||
+    routing of R x), both renormalised over the slots, on the calibration tokens. Deterministic (full batch)."""
     inputs = _check_inputs("kl", inputs, weight.shape[1])
     x = inputs.to(torch.float64)
-    logp = torch.log_softmax(group_log_mass(weight, slots, x), dim=1)
+    logp = torch.log_softmax(group_log_mass(weight, slots, x, scoring), dim=1)
     p = logp.exp()
-    rows = fit_centered_rows(weight, slots, frequency, x).clone().requires_grad_(True)
+    # a sigmoid's scale matters (no shift invariance), so the sigmoid start is the uncentred fit
+    start = fit_rows if scoring == "sigmoid" else fit_centered_rows
+    rows = start(weight, slots, frequency, x, scoring=scoring).clone().requires_grad_(True)
     opt = torch.optim.LBFGS([rows], lr=1.0, max_iter=steps, history_size=20, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
-        loss = (p * (logp - torch.log_softmax(x @ rows.T, dim=1))).sum(1).mean()
+        loss = (p * (logp - torch.log_softmax(_new_log_mass(rows, x, scoring), dim=1))).sum(1).mean()
         loss.backward()
         return loss
 
@@ -103,7 +140,7 @@ def kl_rows(weight: torch.Tensor, slots: list[list[int]], frequency: torch.Tenso
 
 
 for _name, _fn in (("fit", fit_rows), ("kl", kl_rows)):
-    _fn.needs_inputs = True  # layer-level: (weight [N, H], slots, frequency [N], inputs [S, H]) -> [G, H]
+    _fn.needs_inputs = True  # layer-level: (weight [N, H], slots, frequency [N], inputs [S, H], scoring=) -> [G, H]
     ROUTER_ADAPT.add(_name, _fn)
 
 

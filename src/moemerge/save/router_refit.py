@@ -7,7 +7,8 @@ rows are refitted for the block's *output*: on a sample of calibration hidden st
     mean_x ‖ Σ_{g ∈ topk(R x)} w_g(x) M_g(x) − y(x) ‖²
 
 over the collapsed router weight ``R [G, H]`` with Adam, where ``M_g`` are the merged experts (fixed), ``w_g`` the
-family's routing weights (softmax → top-k → renormalise if the family does, so top-k is never hard-coded) and
+family's own routing weights (:class:`~moemerge.families.Routing`: softmax or sigmoid scores, the collapsed
+score-correction bias, group-limited choice, renormalisation and scaling, so nothing is hard-coded) and
 ``y(x) = Σ_{e ∈ topk} w_e(x) E_e(x)`` the original routed output. The top-k selection is piecewise constant; the
 gradient flows through the selected weights (the usual straight-through treatment of top-k routers). Starts from the
 ``router_adapt`` rows and keeps them unless the objective on the sample improves, so it never does worse on it.
@@ -21,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import MoemergeError
-from ..families import MoeLayer
+from ..families import MoeLayer, Routing
 
 MAX_TOKENS = 4096
 
@@ -64,22 +65,22 @@ class RoutedOutputSample:
         return torch.cat(self.hidden), torch.cat(self.target)
 
 
-def routed_output(rows: torch.Tensor, hidden: torch.Tensor, expert_out: torch.Tensor, top_k: int,
-                  renormalize: bool) -> torch.Tensor:
-    """``Σ_{g∈topk} w_g(x) M_g(x)`` for router ``rows [G, H]``, hidden ``[T, H]``, expert outputs ``[G, T, H]``."""
-    probs = torch.softmax(hidden @ rows.T, dim=-1)
-    weights, index = torch.topk(probs, top_k, dim=-1)
-    if renormalize:
-        weights = weights / weights.sum(-1, keepdim=True)
+def routed_output(rows: torch.Tensor, hidden: torch.Tensor, expert_out: torch.Tensor, routing: Routing,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``Σ_{g∈topk} w_g(x) M_g(x)`` for router ``rows [G, H]``, hidden ``[T, H]``, expert outputs ``[G, T, H]``,
+    routed by the family's ``routing`` with score-correction ``bias [G]`` (if any)."""
+    weights, index = routing(hidden @ rows.T, bias)
     picked = expert_out.permute(1, 0, 2)[torch.arange(hidden.shape[0])[:, None], index]  # [T, k, H]
     return (weights[..., None] * picked).sum(1)
 
 
 def refit_rows(rows: torch.Tensor, hidden: torch.Tensor, expert_out: torch.Tensor, target: torch.Tensor,
-               top_k: int, renormalize: bool, steps: int = 100, lr: float = 1e-2) -> tuple[torch.Tensor, float, float]:
-    """Adam on the router rows; returns ``(best rows, loss before, loss after)`` (MSE on the sample)."""
+               routing: Routing, bias: torch.Tensor | None = None, steps: int = 100, lr: float = 1e-2
+               ) -> tuple[torch.Tensor, float, float]:
+    """Adam on the router rows (the bias stays); returns ``(best rows, loss before, loss after)`` (MSE on the
+    sample)."""
     def loss_of(r: torch.Tensor) -> torch.Tensor:
-        return (routed_output(r, hidden, expert_out, top_k, renormalize) - target).pow(2).sum(-1).mean()
+        return (routed_output(r, hidden, expert_out, routing, bias) - target).pow(2).sum(-1).mean()
 
     start = rows.detach().float().clone()
     r = start.clone().requires_grad_(True)
@@ -100,15 +101,18 @@ def refit_rows(rows: torch.Tensor, hidden: torch.Tensor, expert_out: torch.Tenso
 
 
 @torch.no_grad()
-def refit_layer(layer: MoeLayer, sample: tuple[torch.Tensor, torch.Tensor], top_k: int, renormalize: bool,
-                steps: int = 100) -> tuple[float, float]:
-    """Refit ``layer``'s (collapsed) router in place on ``sample``; returns the sample MSE before and after."""
-    hidden, target = (t.to(layer.router.weight.device).float() for t in sample)
+def refit_layer(layer: MoeLayer, sample: tuple[torch.Tensor, torch.Tensor], config, steps: int = 100
+                ) -> tuple[float, float]:
+    """Refit ``layer``'s (collapsed) router in place on ``sample`` (the family's routing for ``config``); returns the
+    sample MSE before and after."""
+    weight = layer.router_weight
+    hidden, target = (t.to(weight.device).float() for t in sample)
     expert_out = layer.run_experts(hidden)  # merged experts, fixed
-    weight = layer.router.weight
     if weight.shape[0] != expert_out.shape[0]:
         raise MoemergeError("router_fit needs one router row per merged expert (router=collapse)")
+    bias = layer.choice_bias
     with torch.enable_grad():
-        rows, before, after = refit_rows(weight.data, hidden, expert_out, target, top_k, renormalize, steps)
+        rows, before, after = refit_rows(weight.data, hidden, expert_out, target, layer.family.routing(config),
+                                         None if bias is None else bias.float(), steps)
     weight.data.copy_(rows.to(weight.dtype))
     return before, after
