@@ -1,197 +1,181 @@
-"""Compare every merging and pruning recipe on the bundled tiny models at 25 % and 50 % fewer experts.
+"""Compare merging and pruning recipes on the bundled tiny models: several budgets, written in the format that
+realises their size (mapped and compact), and calibrated on one text domain while scored on the others.
 
-One script for the README's comparison table (issues 4, 5 and 8). Per model, the statistics every recipe needs are
-calibrated once and cached; each recipe then merges a fresh copy of the model (plan-aware passes such as zipit's or
-fit's, and sequential recipes, run their own passes and count them in their time). Each row reports, from one pass
-over held-out windows (``bundled:validation``, never used for calibration): perplexity ratio to the original,
-KL(original ‖ merged) per token, top-1 agreement, parameters of the saved model in its most compact format (router
-``keep`` counted as ``mapped``: one copy per merged expert), and the time of grouping + merging.
+Each row is one streamed walk of the layer executor (``recommend.score_trial``; the checkpoint is never copied), from
+one cached calibration per model and calibration text, scored on held-out text that was never used to calibrate
+(``bundled:validation``): perplexity ratio merged / original, KL(original ‖ merged) per token, top-1 agreement, the
+parameters of the checkpoint that format writes, experts per layer and wall time (statistics come from the cache
+after the first row). Every method is shown against frequency pruning and REAP on the same tokens.
 
-    python scripts/compare.py                        # writes docs/comparison.md
-    python scripts/compare.py --models PATH --ratios 0.5 --rows hc-smoe reap hc-smoe+fit
+    python scripts/compare.py                                       # writes docs/comparison.md
+    python scripts/compare.py --models tiny-mixtral --ratios 0.5 --rows hc-smoe reap moemerge --no-domains
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
+import json
 import logging
 import math
-import time
+import tempfile
 from pathlib import Path
-
-import torch
 
 from moemerge import Recipe
 from moemerge.evaluate import eval_texts
-from moemerge.families import family_of, moe_layers
-from moemerge.loading import LoadedModel, load_model
-from moemerge.merge import MERGE
-from moemerge.pipeline import calibrate, calibration_settings, merge_model
-from moemerge.recommend import candidate_recipe, score
+from moemerge.loading import open_checkpoint
+from moemerge.recommend import CANDIDATES, Trial, candidate_recipe, in_format, score_trial
 
-# name -> (kind, recipe options: a preset plus overrides)
-ROWS: dict[str, tuple[str, dict]] = {
-    "hc-smoe": ("paper", {"preset": "hc-smoe"}),
-    "hc-smoe, kmeans": ("paper", {"preset": "hc-smoe", "cluster": "kmeans", "linkage": None}),
-    "hc-smoe, collapse": ("paper", {"preset": "hc-smoe", "router": "collapse"}),
-    "m-smoe": ("paper", {"preset": "m-smoe"}),
-    "zipit": ("paper", {"preset": "hc-smoe", "merge": "zipit"}),
-    "fix-dom-same": ("paper", {"preset": "hc-smoe", "merge": "fix-dom-same"}),
-    "weighted 2,1": ("paper", {"preset": "hc-smoe", "merge": "weighted", "mode": "2,1"}),
-    "dominant=frequency": ("paper", {"preset": "hc-smoe", "dominant": "frequency", "linkage": None}),
-    "dominant=random": ("paper", {"preset": "hc-smoe", "dominant": "random", "linkage": None}),
-    "dynamic_group": ("paper", {"preset": "hc-smoe", "dynamic_group": True}),
-    "global threshold": ("paper", {"preset": "hc-smoe", "hierarchical_stopping_metric": "distance"}),
-    "sub-moe": ("paper", {"preset": "sub-moe"}),
-    "sub-moe, multi_layer 1": ("paper", {"preset": "sub-moe", "multi_layer": 1}),
-    "sub-moe† (rank ½, lowrank)": ("paper", {"preset": "sub-moe-dagger"}),
-    "frequency-prune": ("prune", {"preset": "frequency-prune"}),
-    "output-prune": ("prune", {"preset": "output-prune"}),
-    "reap": ("prune", {"preset": "reap"}),
-    "hc-smoe + fit": ("new", {"preset": "hc-smoe", "merge": "fit"}),
-    "m-smoe + fit": ("new", {"preset": "m-smoe", "merge": "fit"}),
-    "sub-moe + fit": ("new", {"preset": "sub-moe", "merge": "fit"}),
-    "global threshold + fit": ("new", {"preset": "hc-smoe", "hierarchical_stopping_metric": "distance",
-                                       "merge": "fit"}),
-    "hc-smoe + fit + sequential": ("new", {"preset": "hc-smoe", "merge": "fit", "sequential": True}),
-    "hc-smoe + fit, collapse": ("new", {"preset": "hc-smoe", "merge": "fit", "router": "collapse"}),
-    "hc-smoe + fit, collapse + router-fit": ("new", {"preset": "hc-smoe", "merge": "fit", "router": "collapse",
-                                                     "router_fit": True}),
-    "frequency-prune + router-fit": ("new", {"preset": "frequency-prune", "router_fit": True}),
-}
-BASELINES = ("hc-smoe", "frequency-prune", "reap")
+BASELINES = ("frequency-prune", "reap")
+#: the rows of the tables: every recommend candidate (the presets, the fit variants, the stock-router refit)
+ROWS = list(CANDIDATES)
 
 
-def saved_parameters(model, recipe: Recipe, plan, total_before: int) -> int:
-    """Parameters of the checkpoint in its most compact faithful format: for router ``keep`` (every slot holds a
-    copy) count each merged expert once, as ``--format mapped`` stores it; otherwise what the model holds."""
-    if recipe.router != "keep":
-        return sum(p.numel() for p in model.parameters())
-    layer = moe_layers(model)[0]
-    gate_up, down = layer.expert_weights()
-    per_expert = gate_up[0].numel() + down[0].numel()
-    removed = sum(p.num_experts - p.num_groups for p in plan.layers.values())
-    return total_before - removed * per_expert
+def domain_files(split: str, folder: Path) -> dict[str, Path]:
+    """The bundled ``split`` cut into one ``.jsonl`` per domain (``bible``, ``python-code``, ``python-docs``)."""
+    from moemerge.data import bundled_split
 
-
-def shared_statistics(recipes: list[Recipe]) -> list[str]:
-    """Union of the single-pass statistics the recipes need (so one calibration serves them all)."""
-    from moemerge.group import needed_statistics
-    from moemerge.save import router_statistics
-
-    names: list[str] = []
-    for r in recipes:
-        names += needed_statistics(r) + list(MERGE.get(r.merge).statistics(r))
-        names += router_statistics(r.router, r.router_adapt)
-    return list(dict.fromkeys(names))
-
-
-def pivot(table_lines: list[str]) -> list[str]:
-    """The perplexity ratios of a finished comparison as one compact table: recipes × (model, share removed)."""
-    cols: list[str] = []
-    cells: dict[str, dict[str, str]] = {}
-    kinds: dict[str, str] = {}
-    model = ""
-    for line in table_lines:
-        if line.startswith("## "):
-            model = line[3:].split(" ")[0]
-        elif line.startswith("| ") and "%" in line.split("|")[1]:
-            parts = [p.strip() for p in line.strip("|").split("|")]
-            col = f"{model} −{parts[0]}"
-            if col not in cols:
-                cols.append(col)
-            kinds[parts[1]] = parts[2]
-            cells.setdefault(parts[1], {})[col] = parts[3] if not parts[3].startswith("failed") else "failed"
-    out = ["| recipe | kind | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
-    for name, row in cells.items():
-        out.append(f"| {name} | {kinds[name]} | " + " | ".join(row.get(c, "") for c in cols) + " |")
+    docs: dict[str, list[str]] = {}
+    for line in bundled_split(split).read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            docs.setdefault(row["domain"], []).append(line)
+    out = {}
+    for domain, lines in docs.items():
+        out[domain] = folder / f"{split}-{domain}.jsonl"
+        out[domain].write_text("\n".join(lines) + "\n")
     return out
 
 
+def run_rows(model: str, ckpt, rows: list[str], groups: int, fmt: str, calibration: str, held, args
+             ) -> list[Trial]:
+    base = Recipe.build(model_path=model, calibration=calibration, n_sentences=args.n_sentences,
+                        seq_len=args.seq_len, num_average_groups=groups, dtype="float32", device="cpu")
+    trials = []
+    for name in rows:
+        trial = Trial(name, groups, None)
+        opts = in_format(CANDIDATES[name], fmt)
+        if isinstance(opts, str):
+            trial.error = opts
+        else:
+            try:
+                trial.recipe = trial.trial_recipe = candidate_recipe(base, opts)
+                score_trial(ckpt, trial, held)
+            except Exception as exc:  # one failing row must not hide the others; the table says why
+                trial.error = str(exc).splitlines()[0]
+        trials.append(trial)
+        print(f"  {name:18s} {trial.format:8s} " + (f"×{trial.ppl_ratio:.3f} KL {trial.kl:.3f} {trial.seconds:.0f}s"
+                                                     if trial.error is None else f"-- {trial.error}"), flush=True)
+    return trials
+
+
+def table(trials: list[Trial], parameters_before: int) -> list[str]:
+    lines = ["| recipe | format | ppl ratio | KL | top-1 | experts/layer | parameters | time (s) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for t in sorted(trials, key=lambda t: (t.error is not None, t.ppl_ratio if math.isfinite(t.ppl_ratio)
+                                           else math.inf)):
+        if t.error is not None:
+            lines.append(f"| {t.name} | {t.format or '-'} | not compared: {t.error} | | | | | |")
+            continue
+        counts = t.counts
+        per_layer = str(counts[0]) if len(set(counts)) == 1 else "/".join(map(str, counts))
+        lines.append(f"| {t.name} | {t.format} | {t.ppl_ratio:.3f} | {t.kl:.3f} | {t.top1:.3f} | {per_layer} | "
+                     f"{t.parameters / parameters_before:.3f}× | {t.seconds:.0f} |")
+    return lines
+
+
+def summary(trials: list[Trial]) -> str:
+    ok = {t.name: t.ppl_ratio for t in trials if t.error is None and math.isfinite(t.ppl_ratio)}
+    base = [(ok[b], b) for b in BASELINES if b in ok]
+    if not ok or not base:
+        return ""
+    (b_ratio, b_name), (best, best_name) = min(base), min((v, k) for k, v in ok.items())
+    closed = (b_ratio - best) / (b_ratio - 1) if b_ratio > 1 else math.nan
+    return (f"best: **{best_name}** ×{best:.3f}; best of frequency pruning / REAP: {b_name} ×{b_ratio:.3f} "
+            f"(loss {best - 1:.3f} against {b_ratio - 1:.3f}: {closed:.0%} of the pruning gap closed)")
+
+
 def main() -> None:
-    from moemerge.zoo import MODELS, model_path
+    from moemerge.zoo import MODELS
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", nargs="*", default=None, help="model folders (default: the bundled tiny models)")
-    ap.add_argument("--ratios", nargs="*", type=float, default=[0.25, 0.5], help="share of experts removed")
-    ap.add_argument("--rows", nargs="*", default=list(ROWS), help="subset of: " + ", ".join(ROWS))
+    ap.add_argument("--models", nargs="*", default=list(MODELS), help="model folders or bundled names")
+    ap.add_argument("--ratios", nargs="*", type=float, default=[0.5, 0.625, 0.75], help="share of experts removed")
+    ap.add_argument("--formats", nargs="*", default=["mapped", "compact"])
+    ap.add_argument("--rows", nargs="*", default=ROWS, help="subset of: " + ", ".join(ROWS))
+    ap.add_argument("--domain-ratio", type=float, default=0.625, help="share removed in the cross-domain block")
+    ap.add_argument("--domain-rows", nargs="*", default=["moemerge", "hc-smoe+fit", "frequency-prune", "reap"])
+    ap.add_argument("--no-domains", action="store_true", help="skip the cross-domain block")
     ap.add_argument("--n-sentences", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--ppl-windows", type=int, default=48)
-    ap.add_argument("--ppl", default="bundled:validation")
-    ap.add_argument("--calibration", default="bundled")
     ap.add_argument("--out", default="docs/comparison.md")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    torch.manual_seed(0)
-    torch.set_num_threads(2)
 
-    models = args.models or [str(model_path(n)) for n in MODELS]
     lines = ["# Method comparison", "",
-             f"Produced by `python scripts/compare.py`. Calibration: `{args.calibration}`, {args.n_sentences} windows "
-             f"× {args.seq_len} tokens, one cached pass per model. Held out: `{args.ppl}`, first {args.ppl_windows} "
-             "windows × the same length; ppl ratio = merged / original perplexity, KL = KL(original ‖ merged) in "
-             "nats per token, top-1 = share of tokens with the same most likely next token. Parameters: the saved "
-             "model in its most compact faithful format (router keep counted as `--format mapped`). Time: grouping "
-             "+ merging (plus the recipe's own extra passes), on 2 CPU cores, after the shared calibration.", ""]
-    for path in models:
-        loaded = load_model(path, "float32", "cpu")
-        spec = family_of(loaded.model.config)
-        num_experts, top_k = spec.num_experts(loaded.model.config), spec.top_k(loaded.model.config)
-        total_before = sum(p.numel() for p in loaded.model.parameters())
-        held = eval_texts(loaded.tokenizer, [args.ppl], args.seq_len, args.ppl_windows)[0].windows
-        ppl0, _, _, ref = score(loaded.model, held, None)
-        lines += [f"## {Path(path).name} ({spec.name}: {len(moe_layers(loaded.model))} MoE layers × {num_experts} "
-                  f"experts, top-{top_k}; original perplexity {ppl0:.2f}, {total_before / 1e6:.2f} M parameters)", "",
-                  "| removed | recipe | kind | ppl ratio | KL | top-1 | experts/layer | parameters (M) | time (s) |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        summary = []
+             f"Produced by `python scripts/compare.py` ({', '.join(f'{r:.1%}' for r in args.ratios)} of the experts "
+             f"removed; formats {', '.join(args.formats)}). Calibration: the bundled train split, {args.n_sentences} "
+             f"windows × {args.seq_len} tokens, one cached pass per model and text. Scored on held-out text never "
+             f"used to calibrate (`bundled:validation`, first {args.ppl_windows} windows): ppl ratio = merged / "
+             "original perplexity, KL = KL(original ‖ merged) in nats per token, top-1 = share of tokens with the same "
+             "most likely next token. Each recipe is written in the format named (pruning and router refit are "
+             "compact by nature); parameters are those of the checkpoint that format writes, as a share of the "
+             "original's. Time: the streamed walk on 2 shared CPU cores (the first row of a model also calibrates).",
+             ""]
+    work = Path(tempfile.mkdtemp(prefix="moemerge-compare-"))
+    for model in args.models:
+        ckpt = open_checkpoint(model)
+        cfg = ckpt.config
+        from moemerge.families import family_of
+
+        spec = family_of(cfg)
+        num_experts, top_k = spec.num_experts(cfg), spec.top_k(cfg)
+        held = eval_texts(ckpt.tokenizer, ["bundled:validation"], args.seq_len, args.ppl_windows)[0].windows
+        before = None
+        lines += [f"## {Path(model).name} ({spec.name}: {num_experts} experts, top-{top_k})", ""]
         for ratio in args.ratios:
             groups = max(top_k, num_experts - round(num_experts * ratio))
-            base = Recipe.build(model_path=path, calibration=args.calibration, n_sentences=args.n_sentences,
-                                seq_len=args.seq_len, num_average_groups=groups, dtype="float32", device="cpu")
-            recipes = {}
-            for name in args.rows:
-                kind, opts = ROWS[name]
-                recipes[name] = (kind, candidate_recipe(base, opts))
-            t0 = time.perf_counter()
-            calibrate(loaded, calibration_settings(base, loaded.model.config),
-                      shared_statistics([r for _, r in recipes.values()]), progress=False)
-            print(f"[{Path(path).name} {ratio:.0%}] shared calibration {time.perf_counter() - t0:.1f}s", flush=True)
-            results: dict[str, float] = {}
-            for name, (kind, recipe) in recipes.items():
-                try:
-                    model = copy.deepcopy(loaded.model)
-                    t0 = time.perf_counter()
-                    out = merge_model(LoadedModel(model, loaded.tokenizer, loaded.source, loaded.local_dir,
-                                                  loaded.fingerprint), recipe, progress=False)
-                    elapsed = time.perf_counter() - t0
-                    ppl, kl, top1, _ = score(model, held, ref)
-                    results[name] = ppl / ppl0
-                    counts = list(out.plan.counts().values())
-                    per_layer = str(counts[0]) if len(set(counts)) == 1 else "/".join(map(str, counts))
-                    params = saved_parameters(model, recipe, out.plan, total_before)
-                    lines.append(f"| {ratio:.0%} | {name} | {kind} | {ppl / ppl0:.3f} | {kl:.3f} | {top1:.3f} | "
-                                 f"{per_layer} | {params / 1e6:.2f} | {elapsed:.1f} |")
-                    del model
-                except Exception as exc:  # one failing row must not hide the others; the table says why
-                    lines.append(f"| {ratio:.0%} | {name} | {kind} | failed: {str(exc).splitlines()[0][:80]} "
-                                 "| | | | | |")
-                print(lines[-1], flush=True)
-            baseline = min((results[b], b) for b in BASELINES if b in results)
-            best = min((v, k) for k, v in results.items())
-            gap = baseline[0] - 1
-            closed = (baseline[0] - best[0]) / gap if gap > 0 else math.nan
-            summary.append(f"* {ratio:.0%} removed: best of hc-smoe / frequency-prune / reap is **{baseline[1]}** "
-                           f"(ratio {baseline[0]:.3f}); best overall **{best[1]}** (ratio {best[0]:.3f}), closing "
-                           f"{closed:.0%} of the baseline's gap to the original.")
-        lines += [""] + summary + [""]
-    lines[2:2] = ["Perplexity ratio (merged / original) at a glance:", ""] + pivot(lines) + [""]
+            for fmt in args.formats:
+                print(f"[{Path(model).name} −{ratio:.1%} {fmt}]", flush=True)
+                trials = run_rows(model, ckpt, args.rows, groups, fmt, "bundled", held, args)
+                before = before or _parameters_before(ckpt)
+                lines += [f"### −{ratio:.1%} ({groups} of {num_experts} experts per layer), {fmt}", "",
+                          *table(trials, before), "", summary(trials), ""]
+        if args.no_domains:
+            continue
+        groups = max(top_k, num_experts - round(num_experts * args.domain_ratio))
+        train, valid = domain_files("train", work), domain_files("validation", work)
+        lines += [f"### Calibrated on one domain, scored on the others (−{args.domain_ratio:.1%}, mapped; "
+                  "pruning compact)", "",
+                  "| calibrated on | scored on | " + " | ".join(args.domain_rows) + " |",
+                  "|---|---|" + "---|" * len(args.domain_rows)]
+        for cal_domain, cal_file in train.items():
+            for eval_domain, eval_file in valid.items():
+                if eval_domain == cal_domain:
+                    continue
+                held_d = eval_texts(ckpt.tokenizer, [str(eval_file)], args.seq_len, args.ppl_windows)[0].windows
+                print(f"[{Path(model).name} calibrated on {cal_domain}, scored on {eval_domain}]", flush=True)
+                trials = run_rows(model, ckpt, args.domain_rows, groups, "mapped", str(cal_file), held_d, args)
+                cells = [f"×{t.ppl_ratio:.3f}" if t.error is None else "failed" for t in trials]
+                lines.append(f"| {cal_domain} | {eval_domain} | " + " | ".join(cells) + " |")
+        lines.append("")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    print(f"wrote {out}")
+
+
+def _parameters_before(ckpt) -> int:
+    """Parameters of the original checkpoint, from its safetensors headers (no weight is read)."""
+    from safetensors import safe_open
+
+    total = 0
+    for f in sorted(Path(ckpt.folder).glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            for key in st.keys():
+                shape = st.get_slice(key).get_shape()
+                total += math.prod(shape)
+    return total
 
 
 if __name__ == "__main__":

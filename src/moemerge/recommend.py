@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -73,6 +73,7 @@ class Trial:
     parameters: int = 0
     seconds: float = 0.0
     error: str | None = None
+    counts: list[int] = field(default_factory=list)  # experts per MoE layer after the merge
 
     @property
     def format(self) -> str:
@@ -173,10 +174,7 @@ def recommend(model_path: str, base: Recipe, names: list[str] | None = None, pro
               budgets: list[int] | None = None, fmt: str = "mapped") -> tuple[list[Trial], dict[int, Trial]]:
     """Score every available candidate at every budget on the held-out windows, each written in the format that
     realises its size; returns every trial and the winner per budget."""
-    from .execute.executor import execute
-    from .execute.source import ShardSource
-    from .loading import open_checkpoint, resolve_device, resolve_dtype
-    from .pipeline import job_for, validate_for_model
+    from .loading import open_checkpoint
 
     if fmt not in FORMATS:
         raise MoemergeError(f"--format {fmt!r}: recommend compares mapped, compact or padded checkpoints")
@@ -187,7 +185,6 @@ def recommend(model_path: str, base: Recipe, names: list[str] | None = None, pro
     base = base.model_copy(update={"model_path": model_path})  # the written recipes name the model they were tried on
     ckpt = open_checkpoint(model_path)
     n_cal, held = held_out_windows(ckpt.tokenizer, ckpt.config, base)
-    dtype = resolve_dtype(base.dtype)
     trials = []
     for budget in budgets:
         for name, opts in candidates.items():
@@ -203,24 +200,7 @@ def recommend(model_path: str, base: Recipe, names: list[str] | None = None, pro
             except MoemergeError as exc:
                 trial.error = str(exc)
                 continue
-            t0 = time.perf_counter()
-            source = ShardSource(ckpt.folder, dtype=None if dtype == "auto" else dtype,
-                                 device=resolve_device(base.device), config=ckpt.config)
-            try:
-                validate_for_model(trial.trial_recipe, source)
-                job = job_for(trial.trial_recipe, ckpt.tokenizer, ckpt.config, ckpt.fingerprint, progress)
-                job.eval_windows, job.fidelity = {"held-out": held}, True
-                outcome = execute(source, trial.trial_recipe, job)
-                ppl0, ppl = outcome.ppl_before["held-out"], outcome.ppl_after["held-out"]
-                fid = outcome.fidelity or {}
-                trial.ppl, trial.ppl_ratio = ppl, ppl / ppl0
-                trial.kl, trial.top1 = fid.get("kl", math.nan), fid.get("top1", math.nan)
-                trial.parameters = outcome.parameters_after
-            except MoemergeError as exc:
-                trial.error = _short_reason(str(exc))
-            finally:
-                trial.seconds = time.perf_counter() - t0
-                source.close()
+            score_trial(ckpt, trial, held, progress)
     winners = {}
     for budget in budgets:
         ok = [t for t in trials if t.budget == budget and t.error is None and math.isfinite(t.ppl)]
@@ -230,6 +210,39 @@ def recommend(model_path: str, base: Recipe, names: list[str] | None = None, pro
         raise MoemergeError("no candidate recipe could be merged: " + "; ".join(
             f"{t.name}: {t.error}" for t in trials))
     return trials, winners
+
+
+def score_trial(ckpt, trial: Trial, held: torch.Tensor, progress: bool = False) -> Trial:
+    """One streamed walk of ``trial.trial_recipe`` over checkpoint ``ckpt`` (nothing written), scored on the
+    ``held`` windows through the original and the merged layers side by side: fills perplexity, its ratio, KL, top-1
+    agreement, the written format's parameter count and the time, or the one-line reason it failed."""
+    from .execute.executor import execute
+    from .execute.source import ShardSource
+    from .loading import resolve_device, resolve_dtype
+    from .pipeline import job_for, validate_for_model
+
+    recipe = trial.trial_recipe
+    dtype = resolve_dtype(recipe.dtype)
+    t0 = time.perf_counter()
+    source = ShardSource(ckpt.folder, dtype=None if dtype == "auto" else dtype, device=resolve_device(recipe.device),
+                         config=ckpt.config)
+    try:
+        validate_for_model(recipe, source)
+        job = job_for(recipe, ckpt.tokenizer, ckpt.config, ckpt.fingerprint, progress)
+        job.eval_windows, job.fidelity = {"held-out": held}, True
+        outcome = execute(source, recipe, job)
+        ppl0, ppl = outcome.ppl_before["held-out"], outcome.ppl_after["held-out"]
+        fid = outcome.fidelity or {}
+        trial.ppl, trial.ppl_ratio = ppl, ppl / ppl0
+        trial.kl, trial.top1 = fid.get("kl", math.nan), fid.get("top1", math.nan)
+        trial.parameters = outcome.parameters_after
+        trial.counts = list(outcome.plan.counts().values()) if outcome.plan is not None else []
+    except MoemergeError as exc:
+        trial.error = _short_reason(str(exc))
+    finally:
+        trial.seconds = time.perf_counter() - t0
+        source.close()
+    return trial
 
 
 def _short_reason(error: str) -> str:
