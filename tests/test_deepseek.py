@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 import moemerge
-from moemerge.errors import MoemergeError
 from moemerge.families import family_of, moe_layers
 
 
@@ -98,8 +97,23 @@ def test_router_refit_runs_with_the_family_routing(deepseek_dir, text_file, tmp_
     assert all(after <= before for before, after in result.router_fit.values())
 
 
-def test_formats_with_shipped_code_are_refused_in_one_line(deepseek_dir, text_file, tmp_path):
-    _, _, d = deepseek_dir
-    with pytest.raises(MoemergeError, match="modeling code"):
-        moemerge.run(_recipe(d, text_file, tmp_path / "o", num_average_groups=4, router="mapped"), progress=False)
-    assert not (tmp_path / "o").exists()
+@pytest.mark.parametrize("fmt", ["mapped", "lowrank"])
+def test_formats_with_shipped_code_run_end_to_end(deepseek_dir, text_file, tmp_path, fmt):
+    """``mapped`` / ``lowrank`` through the streamed pipeline (written, read back and checked layer by layer by
+    ``run``), with per-layer counts (``dominant: frequency``); every router row and correction bias stays, so
+    group-limited routing (the v3-grouped case, ``n_group = 2``) is untouched."""
+    _, n_group, d = deepseek_dir
+    extra = dict(merge="sub-moe", rank_ratio=0.5) if fmt == "lowrank" else {}
+    out = tmp_path / "o"
+    result = moemerge.run(_recipe(d, text_file, out, num_average_groups=4, router=fmt, dominant="frequency",
+                                  **extra), progress=False)
+    assert result.parameters_after < result.parameters_before
+    from moemerge.save.remote import registered  # noqa: F401  (moemerge's own mapped model types)
+
+    model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert model.config.model_type.endswith("_mapped") and model.config.n_group == n_group
+    assert set(model.config.expert_map) == {"1", "2"}
+    spec = family_of(AutoConfig.from_pretrained(d))  # the stock family of the mapped model
+    for layer in spec.moe_layers(model):
+        assert layer.router_weight.shape[0] == 8 and max(layer.experts.expert_map_list) < 8

@@ -89,35 +89,41 @@ def test_routing_statistics_equal_the_family_router(family_dir, text_file):
 FORMAT_CASES = {"keep": dict(router="keep"), "compact": dict(router="compact"),
                 "padded": dict(router="padded", dominant="frequency"),
                 "prune": dict(router="compact", prune="reap", merge="freq"),
-                "mapped": dict(router="mapped"), "lowrank": dict(router="lowrank")}
+                "mapped": dict(router="mapped"),
+                "lowrank": dict(router="lowrank", merge="sub-moe", rank_ratio=0.5)}
+REMOTE = ("mapped", "lowrank")
 
 
 @pytest.mark.parametrize("fmt", list(FORMAT_CASES))
 def test_half_merge_in_every_format_reloads(family_dir, text_file, tmp_path, tokenizer, fmt):
-    """8 → 4 experts per layer in each format: stock formats reload with stock ``from_pretrained`` (zero missing or
-    unexpected keys) and give the in-memory merged model's logits; formats that ship modeling code are refused in
-    one line for families they do not cover (their own tests are in test_formats.py)."""
-    from moemerge.save.mapped import REMOTE_CLASSES
-
+    """8 → 4 experts per layer in each format reloads with zero missing or unexpected keys and gives the in-memory
+    merged model's logits: stock formats with stock ``from_pretrained``; ``mapped`` / ``lowrank`` (model type
+    ``<family>_mapped``, one shipped modeling implementation for every family) through moemerge's registered
+    classes, with only the merged experts stored."""
     family, d = family_dir
     recipe = _recipe(d, text_file, tmp_path / "o", num_average_groups=4, **FORMAT_CASES[fmt])
     loaded = moemerge.load_model(str(d), dtype="float32", device="cpu")
-    if fmt in ("mapped", "lowrank") and family not in REMOTE_CLASSES:
-        with pytest.raises(moemerge.MoemergeError, match="modeling code") as err:
-            moemerge.merge_model(loaded, recipe, progress=False)
-        assert "\n" not in str(err.value)
-        return
-    if fmt in ("mapped", "lowrank"):
-        pytest.skip("mapped / lowrank checkpoints of this family are tested in test_formats.py")
     result = moemerge.merge_model(loaded, recipe, progress=False)
     counts = result.plan.counts()
     assert sum(counts.values()) == 4 * len(counts)  # padded: non-uniform counts, padded to the largest
     assert fmt == "padded" or set(counts.values()) == {4}
     out = tmp_path / "saved"
-    moemerge.save_checkpoint(loaded.model, tokenizer, out, json.loads((d / "config.json").read_text()))
+    original = json.loads((d / "config.json").read_text())
+    moemerge.save_checkpoint(loaded.model, tokenizer, out, original)
+    if fmt in REMOTE:
+        from moemerge.save.remote import registered  # noqa: F401  (moemerge's own mapped model types)
     reloaded, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True, dtype=torch.float32)
-    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     ids = tokenizer("def fibonacci(n): And God said, Let there be light", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         assert (reloaded(input_ids=ids).logits - loaded.model(input_ids=ids).logits).abs().max() <= 1e-5
-
+    if fmt in REMOTE:
+        saved = json.loads((out / "config.json").read_text())
+        assert saved["model_type"] == original["model_type"] + "_mapped"
+        assert saved["architectures"] == [type(reloaded).__name__] and type(reloaded).__name__.endswith(
+            "MappedForCausalLM")
+        assert set(saved["expert_map"]) == {str(v.index) for v in moe_layers(loaded.model)}
+        assert ("expert_ranks" in saved) == (fmt == "lowrank")
+        for layer in family_of(loaded.model.config).moe_layers(reloaded):  # only the merged experts are stored
+            assert len(layer.router_weight) == 8
+            assert max(layer.experts.expert_map_list) + 1 == 4

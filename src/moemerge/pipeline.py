@@ -120,7 +120,7 @@ def validate_for_model(recipe: Recipe, source: LayerSource) -> None:
     if FORMATS.get(recipe.router).remote_code:
         from .save.mapped import check_family
 
-        check_family(spec.name, recipe.router)
+        check_family(spec.name, recipe.router, layers[0].experts)  # the skeleton's module: no weight read
     if recipe.router == "collapse" and recipe.start_layer > min(v.index for v in views):
         raise MoemergeError("router=collapse needs every MoE layer merged to one count; start_layer leaves "
                             "earlier layers with all experts (use --router keep)")

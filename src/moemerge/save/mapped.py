@@ -27,39 +27,40 @@ from .router_fit import split_slots
 
 REMOTE_DIR = Path(__file__).resolve().parent / "remote"
 REMOTE_FILE = "modeling_moemerge.py"
-# family -> (model_type, config class, model class) in the shipped modeling file
-REMOTE_CLASSES = {
-    "mixtral": ("mixtral_mapped", "MixtralMappedConfig", "MixtralMappedForCausalLM"),
-    "qwen2_moe": ("qwen2_moe_mapped", "Qwen2MoeMappedConfig", "Qwen2MoeMappedForCausalLM"),
-}
 
 
-def check_family(family: str, fmt: str) -> None:
-    """The shipped modeling code covers these families only; called before calibration and again at apply time."""
-    if family not in REMOTE_CLASSES:
-        raise MoemergeError(f"--format {fmt} ships modeling code for {', '.join(REMOTE_CLASSES)} only, "
-                            f"not {family}; use --format keep, collapse or padded")
+def check_family(family: str, fmt: str, experts: nn.Module | None = None) -> None:
+    """The shipped modeling code replaces a family's fused experts module in place (sizes, activation and biases from
+    it), so every family whose experts compute ``down(act(gate(x)) * up(x))`` from the stock fused layout and are
+    called as ``experts(hidden_states, top_k_index, top_k_weights)`` is covered; others are refused in one line.
+    Called before calibration (on the skeleton's experts, no weight read) and again at apply time."""
+    if experts is None:
+        return
+    from .remote.modeling_moemerge import _has_bias, experts_problem
+
+    problem = experts_problem(experts)
+    if problem is None and _has_bias(experts):
+        problem = "its experts carry biases, which moemerge's merge methods do not produce"
+    if problem is not None:
+        raise MoemergeError(f"--format {fmt} cannot map {family}: {problem}; use --format keep, compact or padded")
 
 
-def _install(layer: MoeLayer, experts: nn.Module, old: nn.Module) -> None:
-    experts.act_fn = old.act_fn  # the very activation module of the model (same function as config.hidden_act)
-    p = old.gate_up_proj
-    experts.to(device=p.device)
-    setattr(layer.block, layer.family.experts_attr, experts)
+def _new_experts(layer: MoeLayer, plan: LayerPlan, fmt: str, ranks: dict[str, int] | None = None) -> nn.Module:
+    """Mapped experts shaped after the layer's stock experts module (sizes, activation, dtype, device)."""
+    check_family(layer.family.name, fmt, layer.experts)
+    from .remote.modeling_moemerge import mapped_experts  # imports transformers' modeling: only when writing
+
+    return mapped_experts(plan.group_of(), layer.experts, ranks)
 
 
 def apply_mapped(layer: MoeLayer, plan: LayerPlan, merged: MergedLayer, frequency: torch.Tensor,
                  adapt: str = "mean", inputs: torch.Tensor | None = None) -> None:
     """Replace the layer's experts with its G merged experts plus the map original -> merged; router untouched."""
-    check_family(layer.family.name, "mapped")
     old = layer.experts
-    hidden, inter = old.gate_up_proj.shape[2], old.down_proj.shape[2]
-    from .remote.modeling_moemerge import MappedExperts  # imports transformers' modeling: only when writing
-
-    experts = MappedExperts(plan.group_of(), hidden, inter, "silu")
+    experts = _new_experts(layer, plan, "mapped")
     experts.gate_up_proj = nn.Parameter(merged.gate_up.to(old.gate_up_proj).contiguous(), requires_grad=False)
     experts.down_proj = nn.Parameter(merged.down.to(old.down_proj).contiguous(), requires_grad=False)
-    _install(layer, experts, old)
+    setattr(layer.block, layer.family.experts_attr, experts)
 
 
 def exact_factors(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,19 +99,13 @@ def stack_factors(merged: MergedLayer) -> dict[str, tuple[torch.Tensor, torch.Te
 def apply_lowrank(layer: MoeLayer, plan: LayerPlan, merged: MergedLayer, frequency: torch.Tensor,
                   adapt: str = "mean", inputs: torch.Tensor | None = None) -> None:
     """As :func:`apply_mapped`, storing each merged matrix as its two factors."""
-    check_family(layer.family.name, "lowrank")
-    old = layer.experts
-    hidden, inter = old.gate_up_proj.shape[2], old.down_proj.shape[2]
+    like = layer.experts.gate_up_proj
     factors = stack_factors(merged)
-    ranks = {name: int(a.shape[2]) for name, (a, _) in factors.items()}
-    from .remote.modeling_moemerge import LowRankMappedExperts
-
-    experts = LowRankMappedExperts(plan.group_of(), hidden, inter, "silu", ranks)
-    like = old.gate_up_proj
+    experts = _new_experts(layer, plan, "lowrank", {name: int(a.shape[2]) for name, (a, _) in factors.items()})
     for name, (a, b) in factors.items():
         setattr(experts, f"{name}_a", nn.Parameter(a.to(like).contiguous(), requires_grad=False))
         setattr(experts, f"{name}_b", nn.Parameter(b.to(like).contiguous(), requires_grad=False))
-    _install(layer, experts, old)
+    setattr(layer.block, layer.family.experts_attr, experts)
 
 
 def apply_padded(layer: MoeLayer, plan: LayerPlan, merged: MergedLayer, frequency: torch.Tensor,
@@ -143,13 +138,17 @@ def remote_config(spec, config: dict, mapped: dict[int, dict]) -> tuple[dict, di
     to write (original + model_type, architectures, auto_map, expert_map, expert_ranks) and the modeling file shipped
     beside it for users of ``trust_remote_code`` (moemerge itself loads these checkpoints through its installed
     classes, never through that file)."""
-    if spec.name not in REMOTE_CLASSES:
-        raise MoemergeError(f"no shipped modeling code for family {spec.name}")
-    model_type, config_cls, model_cls = REMOTE_CLASSES[spec.name]
+    from .remote.modeling_moemerge import mapped_classes
+
+    base_type = config["model_type"]
+    if base_type not in spec.model_types:
+        raise MoemergeError(f"model_type {base_type!r} is not one of family {spec.name}'s {spec.model_types}")
+    config_cls, model_cls = mapped_classes(base_type)
     module = REMOTE_FILE.removesuffix(".py")
     new = dict(config)
-    new.update(model_type=model_type, architectures=[model_cls],
-               auto_map={"AutoConfig": f"{module}.{config_cls}", "AutoModelForCausalLM": f"{module}.{model_cls}"},
+    new.update(model_type=config_cls.model_type, architectures=[model_cls.__name__],
+               auto_map={"AutoConfig": f"{module}.{config_cls.__name__}",
+                         "AutoModelForCausalLM": f"{module}.{model_cls.__name__}"},
                expert_map={str(i): list(m["expert_map"]) for i, m in sorted(mapped.items())})
     ranks = {str(i): m["ranks"] for i, m in sorted(mapped.items()) if m.get("ranks")}
     if ranks:
