@@ -108,7 +108,9 @@ def test_formats_with_shipped_code_run_end_to_end(deepseek_dir, text_file, tmp_p
     result = moemerge.run(_recipe(d, text_file, out, num_average_groups=4, router=fmt, dominant="frequency",
                                   **extra), progress=False)
     assert result.parameters_after < result.parameters_before
-    from moemerge.save.remote import registered  # noqa: F401  (moemerge's own mapped model types)
+    from moemerge.save.remote.registered import register_folder
+
+    register_folder(out)  # moemerge's own mapped model types
 
     model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]

@@ -111,7 +111,9 @@ def test_half_merge_in_every_format_reloads(family_dir, text_file, tmp_path, tok
     original = json.loads((d / "config.json").read_text())
     moemerge.save_checkpoint(loaded.model, tokenizer, out, original)
     if fmt in REMOTE:
-        from moemerge.save.remote import registered  # noqa: F401  (moemerge's own mapped model types)
+        from moemerge.save.remote.registered import register_folder
+
+        register_folder(out)  # moemerge's own mapped model types
     reloaded, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True, dtype=torch.float32)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     ids = tokenizer("def fibonacci(n): And God said, Let there be light", return_tensors="pt")["input_ids"]

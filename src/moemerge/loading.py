@@ -82,8 +82,13 @@ def load_model(source: str, dtype: str | None = "auto", device: str | None = "au
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from .save.remote.registered import register_all, register_folder
+
     local_dir = model_folder(source)
-    from .save.remote import registered  # noqa: F401  (moemerge's own mapped model types)
+    if local_dir is not None:
+        register_folder(local_dir)  # moemerge's own mapped model types
+    else:
+        register_all()  # a hub id: its config is not read yet
 
     where = str(local_dir) if local_dir else source
 
@@ -137,7 +142,7 @@ def open_checkpoint(source: str) -> Checkpoint:
     the config and tokenizer, checked to be a MoE family moemerge can merge. No weight is read."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from .save.remote import registered  # noqa: F401  (moemerge's own mapped model types)
+    from .save.remote.registered import register_folder
 
     path = model_folder(source)
     if path is None:
@@ -155,6 +160,7 @@ def open_checkpoint(source: str) -> Checkpoint:
         check_shipped_code(path)
         raise MoemergeError(f"{source!r} is a moemerge {config_dict.get('model_type')} checkpoint (mapped/lowrank "
                             "format): evaluate it with `moemerge eval`; merge the original or a keep/compact one")
+    register_folder(path)
     try:
         config = AutoConfig.from_pretrained(str(path))
     except (OSError, ValueError, KeyError) as exc:

@@ -496,8 +496,9 @@ def _output_config(config: dict):
     """The written config as a transformers config object, through moemerge's registered classes."""
     from transformers import AutoConfig
 
-    from .save.remote import registered  # noqa: F401
+    from .save.remote.registered import register
 
+    register(config.get("model_type"))
     return AutoConfig.for_model(**{k: v for k, v in config.items() if k != "auto_map"})
 
 
@@ -506,8 +507,9 @@ def _load_whole(folder: Path, dtype: torch.dtype, device: torch.device, device_m
     spread over the GPUs with ``device_map`` (e.g. ``auto``) when one does not hold it."""
     from transformers import AutoModelForCausalLM
 
-    from .save.remote import registered  # noqa: F401
+    from .save.remote.registered import register_folder
 
+    register_folder(folder)
     try:
         if device_map:
             return AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, device_map=device_map).eval()

@@ -91,8 +91,9 @@ def meta_skeleton(config, dtype: torch.dtype) -> nn.Module:
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    from ..save.remote import registered  # noqa: F401  (moemerge's own mapped model types)
+    from ..save.remote.registered import register
 
+    register(config.model_type)  # moemerge's own mapped model types
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model.eval()
@@ -117,8 +118,9 @@ class ShardSource(LayerSource):
         self.strict = strict  # tensors the model does not use are an error (checking a written folder), not a warning
         self.index = CheckpointIndex(self.folder)  # shard problems fail here, before any weight is read
         if config is None:
-            from ..save.remote import registered  # noqa: F401
+            from ..save.remote.registered import register_folder
 
+            register_folder(self.folder)
             config = AutoConfig.from_pretrained(str(self.folder))
         if dtype is None:
             dtype = _config_dtype(config)
