@@ -36,6 +36,11 @@ from vllm.model_executor.models.utils import extract_layer_index
 def layer_expert_map(config, prefix: str, num_experts: int) -> list[int] | None:
     """``config.expert_map`` of the decoder layer named in ``prefix``, checked; None for a stock layer."""
     layer = extract_layer_index(prefix)
+    if (getattr(config, "expert_ranks", None) or {}).get(str(layer)):
+        # --format lowrank shares the model types but stores factor pairs (experts.gate_a ...) that vLLM's fused
+        # MoE has no layout for; refuse here rather than fail later on unknown weight names.
+        raise ValueError("moemerge's vLLM plugin serves --format mapped checkpoints; this one is --format lowrank "
+                         "(config.expert_ranks), which vLLM cannot run. Save with --format mapped or compact.")
     expert_map = (getattr(config, "expert_map", None) or {}).get(str(layer))
     if expert_map is None:
         return None
