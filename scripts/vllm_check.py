@@ -45,7 +45,9 @@ def reference(folder: str, out: str) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if _model_type(folder).endswith("_mapped"):
-        import moemerge.save.remote.registered  # noqa: F401  (mapped model types -> moemerge's installed classes)
+        from moemerge.save.remote.registered import register_folder
+
+        register_folder(folder)  # mapped model types -> moemerge's installed classes
 
     tok = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
