@@ -15,7 +15,9 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-torch.set_num_threads(2)
+# Under pytest-xdist (`-n 2`, the README's command) each worker gets one thread: two workers share the 2 cores
+# instead of four threads fighting over them. Alone, the tests use 2 threads.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 TEXT = [
     "In the beginning God created the heaven and the earth. And the earth was without form, and void; and darkness "
