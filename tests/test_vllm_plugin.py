@@ -34,11 +34,14 @@ def test_plugin_import_is_cheap() -> None:
 def test_architectures_match_the_saved_config() -> None:
     """Every model type the plugin serves is one --format mapped writes, under the same architecture name (more
     families may be written than vLLM serves: those are listed as limits in docs/formats.md)."""
-    from moemerge.save.mapped import REMOTE_CLASSES
+    from moemerge.save.remote.modeling_moemerge import MAPPED_SUFFIX, mapped_classes
+    from moemerge.save.remote.registered import mapped_model_types
 
-    written = {(model_type, arch) for model_type, _, arch in REMOTE_CLASSES.values()}
-    served = {(cls.model_type, arch) for cls, arch in zip(MAPPED_CONFIGS, MAPPED_ARCHITECTURES)}
-    assert served <= written
+    for cls, arch in zip(MAPPED_CONFIGS, MAPPED_ARCHITECTURES):
+        base = cls.model_type.removesuffix(MAPPED_SUFFIX)
+        assert base in mapped_model_types()
+        config_cls, model_cls = mapped_classes(base)  # what --format mapped writes for that family
+        assert (config_cls.model_type, model_cls.__name__) == (cls.model_type, arch)
     assert all(target.startswith("moemerge.serve.vllm_models:") for target in MAPPED_ARCHITECTURES.values())
 
 
