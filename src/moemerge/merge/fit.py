@@ -67,7 +67,9 @@ DAMP = 0.01
 DAMP_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 #: Default share of calibration windows held out (``fit_held_out``), as ``moemerge recommend`` holds out ⌈N/4⌉.
 HELD_OUT = 0.25
-SCOPES = ("down", "expert")
+#: What a group can end up with: its start, the start with a fitted down projection, or a refitted gate/up (eq. 3, or
+#: the selected member neurons) with a fitted down projection.
+CANDIDATES = ("start", "down", "regmean", "select")
 PARTS = ("fit", "held")
 
 
@@ -437,7 +439,7 @@ def _choose(candidates: dict[str, dict[str, dict]], out: dict) -> dict:
     """Per group, the candidate with the lowest held-out objective (all-token objective without held-out tokens),
     replaced by the start unless it is below the start on all tokens (the guarantee); its weights go to ``out``.
     Returns the layer's summary: relative objectives of the chosen fits and of the starts, the gap, the choices."""
-    chosen_count = {"start": 0, "down": 0, "regmean": 0, "select": 0}
+    chosen_count = dict.fromkeys(CANDIDATES, 0)
     sums = {"start": [0.0, 0.0], "chosen": [0.0, 0.0]}  # [train, held] objectives
     energy = [0.0, 0.0]
     damping: dict[str, dict] = {}
@@ -450,6 +452,9 @@ def _choose(candidates: dict[str, dict[str, dict]], out: dict) -> dict:
         pick = cands[name]
         out[f"{key}.gate_up"] = pick["gate_up"].float().cpu()
         out[f"{key}.down"] = pick["down"].float().cpu()
+        out[f"{key}.choice"] = torch.tensor(CANDIDATES.index(name))
+        out[f"{key}.objective"] = torch.tensor(pick["all"], dtype=torch.float64)  # eq. 1, all tokens
+        out[f"{key}.start_objective"] = torch.tensor(cands["start"]["all"], dtype=torch.float64)
         chosen_count[name] += 1
         damping[key] = {"chosen": name, **(pick["damping"] or {})}
         e_fit, e_held = pick["energy"]
