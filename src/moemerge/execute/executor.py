@@ -423,7 +423,11 @@ class _Walk:
                 self._observe(layer, view, calib, i, accumulators=accumulators, until=until)
 
         if self.method.layer_pass is not None:
-            entries = self.method.layer_pass(LayerPass(view, layer_plan, self.stats, recipe, run))
+            def reduce(accumulators: list) -> None:
+                for acc in accumulators:
+                    acc.reduce(self.job.ranks)
+
+            entries = self.method.layer_pass(LayerPass(view, layer_plan, self.stats, recipe, run, reduce))
             info = entries.pop("info", None)  # a small JSON-able summary (fit: train / held-out objectives)
             if info is not None:
                 self.out.layer_info[i] = info

@@ -98,6 +98,9 @@ class LayerPass:
     stats: Stats
     recipe: Any
     run: Callable[..., None]
+    # ``reduce(accumulators)``: combine accumulators fed outside ``run`` (e.g. replaying recorded batches) over the
+    # ranks of a distributed job, as ``run`` does for its own; None: single process, nothing to combine.
+    reduce: Callable[[list], None] | None = None
 
 
 MERGE: Registry[MergeMethod] = Registry("merge")

@@ -261,6 +261,51 @@ class GroupFitAccumulator(Statistic):
                                                             (tp[:, inter:] ** 2 * om).sum()]))
 
 
+#: Largest size of the MoE inputs the first pass records so the second replays them instead of running the decoder
+#: layer again (``[T, H]`` fp32 plus the routing); above it the second pass runs the layer.
+REPLAY_BYTES = 2 * 2**30
+
+
+class BatchRecorder:
+    """Keeps what the experts saw in one pass (inputs, routing, window indices) so a later pass over the same layer
+    can feed its accumulators without running the decoder layer again; gives up (and frees what it kept) once the
+    recording would exceed ``limit`` bytes."""
+
+    def __init__(self, limit: int = REPLAY_BYTES) -> None:
+        self.limit = limit
+        self.batches: list[tuple[torch.Tensor | None, LayerBatch]] | None = []
+        self.bytes = 0
+        self._windows: torch.Tensor | None = None
+
+    def start_batch(self, window_ids: torch.Tensor) -> None:
+        self._windows = window_ids
+
+    def update(self, batch: LayerBatch) -> None:
+        if self.batches is None:
+            return
+        size = sum(t.numel() * t.element_size() for t in (batch.hidden, batch.top_k_index, batch.top_k_weights))
+        self.bytes += size
+        if self.bytes > self.limit:
+            self.batches = None  # too large to keep: the next pass runs the layer
+            return
+        self.batches.append((self._windows, LayerBatch(batch.layer, batch.hidden, batch.top_k_index,
+                                                       batch.top_k_weights, None)))
+
+    def reduce(self, ranks) -> None:
+        """Nothing to combine: each rank replays its own share, and the replayed accumulators are reduced."""
+
+    def replay(self, accumulators: list) -> bool:
+        """Feed the recorded batches to ``accumulators`` (with their window indices); False if nothing was kept."""
+        if self.batches is None:
+            return False
+        for windows, batch in self.batches:
+            for acc in accumulators:
+                if windows is not None and hasattr(acc, "start_batch"):
+                    acc.start_batch(windows)
+                acc.update(batch)
+        return True
+
+
 def part_sums(sums: dict[str, torch.Tensor], key: str, names: str, part: str | None) -> tuple | None:
     """The sums ``names`` (e.g. ``"ABC"``) of group ``key`` on one part (``fit``/``held``), or on both
     (``part=None``); None when no token of that part reached the group."""
@@ -331,9 +376,10 @@ def _relative(objective: float, energy: float) -> float:
 
 def fit_pass(ctx: LayerPass) -> dict:
     """The plan-aware passes of ``fit`` (module docstring): one pass for the start's sums (and eq. 3's with
-    ``fit_scope: expert``), a second for the refitted gate/up candidates'. Returns stats entry ``fit`` (every group's
-    sums and chosen ``gate_up`` / ``down``) and ``info`` (the layer's train / held-out objectives, for
-    ``merge_info.json``)."""
+    ``fit_scope: expert``), a second for the refitted gate/up candidates' (replaying the experts' inputs recorded by
+    the first, up to :data:`REPLAY_BYTES`, instead of running the decoder layer again). Returns stats entry ``fit``
+    (every group's sums and chosen ``gate_up`` / ``down``) and ``info`` (the layer's train / held-out objectives,
+    for ``merge_info.json``)."""
     scope, share = fit_options(ctx.recipe)
     groups, starts, start_downs = _starting(ctx.layer, ctx.plan, ctx.stats, ctx.recipe.mode, ctx.recipe)
     if not groups:
@@ -342,7 +388,8 @@ def fit_pass(ctx: LayerPass) -> dict:
     aligned = _aligned_members(ctx.layer, ctx.plan, ctx.stats) if whole else None
     acc = GroupFitAccumulator(ctx.layer, groups, starts, [a[:2] for a in aligned] if whole else None,
                               targets=whole, held_out=share)
-    ctx.run([acc])
+    recorder = BatchRecorder() if whole and ctx.reduce is not None else None
+    ctx.run([acc] if recorder is None else [acc, recorder])
     sums = acc.result()
     out: dict[str, torch.Tensor] = {f"start.{k}": v for k, v in sums.items()}
     candidates: dict[str, dict[str, dict]] = {}  # group key -> candidate -> weights, objectives, damping
@@ -366,7 +413,11 @@ def fit_pass(ctx: LayerPass) -> dict:
         keys = [f"{group_key(groups[gi])}.{name}" for gi, name, *_ in second]
         acc2 = GroupFitAccumulator(ctx.layer, [groups[gi] for gi, *_ in second], [c[2] for c in second],
                                    [aligned[gi][:2] for gi, *_ in second], held_out=share, keys=keys)
-        ctx.run([acc2])
+        if recorder is not None and recorder.replay([acc2]):
+            ctx.reduce([acc2])  # the recorded inputs were this rank's share: combine as ``run`` would
+        else:
+            ctx.run([acc2])
+        recorder = None
         sums2 = acc2.result()
         out.update({f"expert.{k}": v for k, v in sums2.items()})
         for key2, (gi, name, gate_up, anchor, damps) in zip(keys, second):
