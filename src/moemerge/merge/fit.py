@@ -63,8 +63,8 @@ from .align import align_group
 #: ``damp`` when nothing is held out (GPTQ's default share of the mean diagonal).
 DAMP = 0.01
 #: ``damp`` values tried on the held-out windows: four decades around :data:`DAMP`, up to a ridge as strong as the
-#: mean signal (which pulls most of the way back to the anchor).
-DAMP_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+#: mean signal and ten times it (which pulls most of the way back to the anchor, for little calibration text).
+DAMP_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 #: Default share of calibration windows held out (``fit_held_out``), as ``moemerge recommend`` holds out ⌈N/4⌉.
 HELD_OUT = 0.25
 #: What a group can end up with: its start, the start with a fitted down projection, or a refitted gate/up (eq. 3, or
