@@ -19,28 +19,36 @@ from sums accumulated by a plan-aware pass over the layer's calibration inputs (
 fp64. ``C = Σ ‖y‖²`` gives ``L = tr(W A Wᵀ) − 2 tr(W Bᵀ) + C`` for any ``W`` without the tokens (:func:`fit_objective`).
 
 **Gate and up** (``fit_scope: expert``). (1) is not quadratic in ``G, U`` and an exact Gauss-Newton step needs a
-``2IH × 2IH`` system (or one ``H × H`` Gram matrix per neuron), far beyond memory on real models. The estimator here
-is a least-squares fit of the merged expert's pre-activations to the group's, with one shared ``H × H`` Gram matrix
-(RegMean, Jin et al., ICLR 2023, "Dataless knowledge fusion by merging weights of language models", applied per
-token to the routed members): with the members' neurons permuted to line up with the dominant member's (weight
-matching, :mod:`.align`), ``Z_i`` member ``i``'s stacked gate/up ``[2I, H]`` and ``α_i = w_i / s``,
+``2IH × 2IH`` system (or one ``H × H`` Gram matrix per neuron), far beyond memory on real models. Two closed-form
+estimators with memory ``O(H² + I·H)`` per group each propose a gate/up, with the members' neurons permuted to line
+up with the dominant member's (weight matching, :mod:`.align`; ``Z_i`` member ``i``'s stacked gate/up ``[2I, H]``):
 
-    (3)  min_Z Σ_x s(x)² ‖ Z x − Σ_{i∈g} α_i(x) Z_i x ‖² + λ ‖Z − Z₀‖²
-         ⇒  Z = (T + λ Z₀)(X + λI)⁻¹,   X = Σ s² x xᵀ,  T = Σ s² t xᵀ,  t = Σ α_i Z_i x,
+* ``regmean``, a least-squares fit of the merged expert's pre-activations to the routed members' (RegMean, Jin et
+  al., ICLR 2023, "Dataless knowledge fusion by merging weights of language models", applied per token), with
+  ``α_i = w_i / s``:
 
-solved for the gate rows and the up rows with their own ``λ``. On tokens a member has alone, the target is that
-member's own pre-activation (not the average of everyone's), and the weight ``s²`` counts tokens as (1) does. The
-anchor ``Z₀`` is the aligned frequency average (M-SMoE's merge), so λ → ∞ gives it back and a group of identical
-experts is reproduced exactly for every λ. A second pass then accumulates ``A, B, C`` for the new ``h`` and solves the
-down projection by (2), anchored on the aligned average's. This is one alternation, gate/up then down: the
-pre-activation targets do not depend on ``W``, so repeating it would change nothing.
+      (3)  min_Z Σ_x s(x)² ‖ Z x − Σ_{i∈g} α_i(x) Z_i x ‖² + λ ‖Z − Z₀‖²
+           ⇒  Z = (T + λ Z₀)(X + λI)⁻¹,   X = Σ s² x xᵀ,  T = Σ s² t xᵀ,  t = Σ α_i Z_i x,
+
+  for the gate rows and the up rows, each with its own ``λ``. On tokens a member has alone the target is its own
+  pre-activation, not the average of everyone's, and ``s²`` weighs tokens as (1) does. The anchor ``Z₀`` is the
+  aligned frequency average (M-SMoE's merge): λ → ∞ gives it back, and identical members are reproduced for any λ.
+* ``select``: the ``I`` neurons of all the members with the largest routed output energy
+  ``Σ_x w_i(x)² h_ij(x)² ‖down_i[:, j]‖²`` (member ``i``, neuron ``j``), their gate/up rows kept as they are. Members
+  that share no neuron order (experts trained apart) blur when averaged; this keeps their strongest neurons whole
+  and lets (2) recombine them (anchor: ``α_i·down_i[:, j]`` with the frequency weights ``α``).
+
+A second pass (replaying the experts' inputs the first recorded) accumulates ``A, B, C`` for each proposal's ``h``
+and solves its down projection by (2). This is one alternation, gate/up then down: neither proposal depends on
+``W``, so repeating it would change nothing.
 
 **Held-out damping.** The calibration windows are split by their index among the whole job's windows (the same
 split on any number of ranks): a share ``fit_held_out`` of them is held out, spread evenly. Every ``λ`` of the
 grid :data:`DAMP_GRID` is fitted on the other windows and the one with the lowest held-out objective — (1) for the
 down projection, (3) for gate and up — is kept; the down projection is then refitted with it on all windows. Among
-the candidates (the start, the start with a fitted down projection, the fitted whole expert) the one with the lowest
-held-out objective (1) is chosen. With nothing held out (``fit_held_out: 0``, fewer than ``1/fit_held_out``
+the candidates :data:`CANDIDATES` (the start, the start with a fitted down projection, each gate/up proposal with
+its fitted down projection) the one with the lowest held-out objective (1) is chosen, so the data decide between
+averaging, regression and selection per group. With nothing held out (``fit_held_out: 0``, fewer than ``1/fit_held_out``
 windows, or a group no held-out token reached) ``damp`` is :data:`DAMP` and candidates are compared on all tokens.
 
 **Guarantee.** Whatever is chosen is replaced by the start if its objective (1) on all calibration tokens is not
