@@ -185,12 +185,13 @@ class GroupFitAccumulator(Statistic):
     * ``B = Σ s y hᵀ`` ``[H, I]``, ``y = Σ_{i∈g} w_i E_i(x)`` what the original members added;
     * ``C = Σ ‖y‖²`` and ``tokens``;
     * with ``targets``: ``X = Σ s² x xᵀ`` ``[H, H]``, ``T = Σ s² t xᵀ`` ``[2I, H]`` (``t = Σ α_i Z_i x`` over the
-      members as given in ``members``) and ``Q = (Σ s²‖t_gate‖², Σ s²‖t_up‖²)``.
+      members as given in ``members``), ``Q = (Σ s²‖t_gate‖², Σ s²‖t_up‖²)`` and the neuron energies
+      ``N = Σ w_i² h_ij²`` ``[n, I]``.
 
     ``members[g]`` is ``(gate_up [n, 2I, H], down [n, H, I])`` of the group's members (aligned, for eq. 3's
     targets), or None to read them from the layer. Windows are held out by :func:`held_out_windows` from the
     indices the executor hands to :meth:`start_batch`; without them every token counts as fitted. Memory:
-    ``2·G·(I² + H·I)·8`` bytes, plus ``2·G·(H² + 2I·H)·8`` with ``targets``.
+    ``2·G·(I² + H·I)·8`` bytes, plus ``2·G·(H² + 2I·H + n·I)·8`` with ``targets``.
     """
 
     def __init__(self, layer: MoeLayer, groups: list[list[int]], starts: list[torch.Tensor],
@@ -247,7 +248,9 @@ class GroupFitAccumulator(Statistic):
                 out = torch.einsum("nti,nhi->nth", inner, dn_m)
                 y = torch.einsum("nt,nth->th", w, out).double()  # Σ_i w_i E_i(x): what the block added
                 h = expert_intermediate(x, start32, act)[0].double()  # [t, I]
-                t = torch.einsum("nt,nto->to", w / s, pre).double() if self.targets else None  # Σ α_i Z_i x
+                # Σ α_i Z_i x (a token whose weights underflowed to 0 has weight s² = 0: keep it finite)
+                t = torch.einsum("nt,nto->to", w / s.clamp_min(torch.finfo(s.dtype).tiny), pre).double() \
+                    if self.targets else None
                 s = s.double()
                 for part, rows in zip(PARTS, (~held[tok], held[tok])):
                     if not bool(rows.any()):
