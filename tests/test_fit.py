@@ -12,7 +12,17 @@ from moemerge.families import moe_layers
 from moemerge.group.plan import LayerPlan, MergePlan
 from moemerge.loading import LoadedModel, fingerprint
 from moemerge.merge import merge_layer
-from moemerge.merge.fit import fit_objective, solve_down, start_method
+from moemerge.merge.fit import (
+    CANDIDATES,
+    DAMP,
+    DAMP_GRID,
+    choose_damping,
+    fit_objective,
+    held_out_windows,
+    part_sums,
+    solve_down,
+    start_method,
+)
 from moemerge.pipeline import merge_model
 
 from conftest import FAMILIES, make_model
@@ -30,14 +40,14 @@ def _logits(model, ids) -> torch.Tensor:
         return model(input_ids=ids).logits
 
 
-def _fit_layer(model, tokenizer, groups):
+def _fit_layer(model, tokenizer, groups, **options):
     """Plan ``groups`` in every layer, run the fit pass, merge with ``fit`` and the start method."""
     layers = moe_layers(model)
     num_experts = layers[0].num_experts
     plan = MergePlan({l.index: LayerPlan(l.index, num_experts, groups, [g[0] for g in groups]) for l in layers})
     stats = Stats({l.index: {"frequency": {"counts": torch.rand(num_experts) + 0.1, "tokens": torch.tensor(1.0)}}
                    for l in layers}, {})
-    stats = layer_passes(model, moemerge.Recipe(merge="fit"), plan, stats, _windows(tokenizer))
+    stats = layer_passes(model, moemerge.Recipe(merge="fit", **options), plan, stats, _windows(tokenizer, 8))
     fitted = {l.index: merge_layer(l, plan.layers[l.index], "fit", stats) for l in layers}
     start = {l.index: merge_layer(l, plan.layers[l.index], start_method("normal"), stats) for l in layers}
     return layers, plan, stats, fitted, start
@@ -56,8 +66,10 @@ def test_group_of_one_is_returned_unchanged(family, tokenizer):
             assert torch.equal(fitted[layer.index].down[gi], down[g[0]])
 
 
+@pytest.mark.parametrize("scope", ["down", "expert"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_group_of_identical_experts_is_fitted_exactly(family, tokenizer):
+def test_group_of_identical_experts_is_fitted_exactly(family, scope, tokenizer):
+    """Whole-expert fit (and down-only fit) on a group of identical experts gives the expert back."""
     model = make_model(family, vocab_size=len(tokenizer))
     with torch.no_grad():
         for layer in moe_layers(model):
@@ -66,30 +78,120 @@ def test_group_of_identical_experts_is_fitted_exactly(family, tokenizer):
                 layer.experts.down_proj[e] = layer.experts.down_proj[0]
     num_experts = moe_layers(model)[0].num_experts
     groups = [[0, 1, 2]] + [[e] for e in range(3, num_experts)]
-    layers, _, _, fitted, _ = _fit_layer(model, tokenizer, groups)
+    layers, _, stats, fitted, _ = _fit_layer(model, tokenizer, groups, fit_scope=scope)
     for layer in layers:
         gate_up, down = layer.expert_weights()
         assert torch.allclose(fitted[layer.index].gate_up[0], gate_up[0], atol=1e-6)
         assert torch.allclose(fitted[layer.index].down[0], down[0], atol=1e-6)
+        per = stats.get(layer.index, "fit")
+        assert float(per["0-1-2.objective"]) <= 1e-8 * float(part_sums(per, "start.0-1-2", "C", None)[0])
 
 
+@pytest.mark.parametrize("scope", ["down", "expert"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_fit_never_worse_than_its_start_on_its_objective(family, tokenizer):
+def test_fit_never_worse_than_its_start_on_its_objective(family, scope, tokenizer):
     model = make_model(family, vocab_size=len(tokenizer), seed=3)
     num_experts = moe_layers(model)[0].num_experts
     groups = [list(range(0, num_experts, 2)), list(range(1, num_experts, 2))]
-    layers, _, stats, fitted, start = _fit_layer(model, tokenizer, groups)
+    layers, _, stats, fitted, start = _fit_layer(model, tokenizer, groups, fit_scope=scope)
     improved = 0
     for layer in layers:
         per = stats.get(layer.index, "fit")
         for gi, g in enumerate(groups):
             key = "-".join(map(str, g))
-            a, b, c = per[f"{key}.A"], per[f"{key}.B"], per[f"{key}.C"]
-            after = fit_objective(fitted[layer.index].down[gi].double(), a, b, c)
+            a, b, c = part_sums(per, f"start.{key}", "ABC", None)  # eq. 1 sums of the start's gate/up
             before = fit_objective(start[layer.index].down[gi].double(), a, b, c)
+            assert float(per[f"{key}.start_objective"]) == pytest.approx(before, rel=1e-9)
+            after = float(per[f"{key}.objective"])
             assert after <= before * (1 + 1e-9)
+            choice = CANDIDATES[int(per[f"{key}.choice"])]
+            if choice in ("start", "down"):  # gate/up kept: the objective can be checked from the start's sums
+                assert torch.equal(fitted[layer.index].gate_up[gi], start[layer.index].gate_up[gi])
+                recomputed = fit_objective(fitted[layer.index].down[gi].double(), a, b, c)
+                assert recomputed == pytest.approx(after, rel=1e-4, abs=1e-6 * float(c))
+            else:  # refitted gate/up: from the second pass's sums of that candidate
+                a2, b2, c2 = part_sums(per, f"expert.{key}.{choice}", "ABC", None)
+                assert float(c2) == pytest.approx(float(c), rel=1e-9)  # same tokens, same targets
+                recomputed = fit_objective(fitted[layer.index].down[gi].double(), a2, b2, c2)
+                assert recomputed == pytest.approx(after, rel=1e-4, abs=1e-6 * float(c))
             improved += after < 0.9 * before
     assert improved > 0  # on random experts, least squares beats the average by a wide margin
+
+
+def test_held_out_windows_are_spread_and_counted():
+    held = held_out_windows(torch.arange(16), 0.25)
+    assert held.nonzero().squeeze(1).tolist() == [3, 7, 11, 15]
+    for n in (3, 7, 10, 33):
+        assert int(held_out_windows(torch.arange(n), 0.3).sum()) == int(n * 0.3)
+    assert not held_out_windows(torch.arange(8), 0.0).any()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_damping_is_chosen_from_the_grid_on_held_out_windows(family, tokenizer):
+    """For each group, the down projection's damping is a grid value, and no other grid value has a lower
+    held-out objective; a choice by held-out objective is recorded for every group."""
+    model = make_model(family, vocab_size=len(tokenizer), seed=4)
+    num_experts = moe_layers(model)[0].num_experts
+    groups = [list(range(0, num_experts, 2)), list(range(1, num_experts, 2))]
+    layers, _, stats, _, start = _fit_layer(model, tokenizer, groups, fit_scope="down")
+    checked = 0
+    for layer in layers:
+        per = stats.get(layer.index, "fit")
+        for gi, g in enumerate(groups):
+            key = "start." + "-".join(map(str, g))
+            fit, held = part_sums(per, key, "ABC", "fit"), part_sums(per, key, "ABC", "held")
+            assert fit is not None and held is not None  # 8 windows, every 4th held out
+            w0 = start[layer.index].down[gi].double()
+            _, damp, scores = choose_damping(fit, held, w0)
+            assert damp in DAMP_GRID and set(scores) == set(DAMP_GRID)
+            assert all(scores[damp] <= v for v in scores.values())
+            checked += 1
+    assert checked
+    _, damp, scores = choose_damping(fit, None, w0)  # nothing held out: the fixed damping
+    assert damp == DAMP and not scores
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_as_many_groups_as_experts_reproduces_the_original(family, tokenizer, text_file):
+    ids = _windows(tokenizer, 2)
+    reference = _logits(make_model(family, vocab_size=len(tokenizer), seed=6), ids)
+    model = make_model(family, vocab_size=len(tokenizer), seed=6)
+    loaded = LoadedModel(model, tokenizer, "in-memory", None, fingerprint(model, None, "in-memory"))
+    num_experts = moe_layers(model)[0].num_experts
+    recipe = moemerge.Recipe.build(calibration=str(text_file), seq_len=32, n_sentences=8,
+                                   num_average_groups=num_experts, merge="fit", cache=False)
+    merge_model(loaded, recipe, progress=False)
+    assert torch.equal(_logits(model, ids), reference)
+
+
+def test_fit_info_reports_train_and_held_out_objectives(model_dirs, text_file, tmp_path):
+    """merge_info.json holds, per merged layer, the relative objectives on the fitted and held-out windows and
+    their gap, the choices and dampings (from the grid)."""
+    import json
+
+    out = tmp_path / "out"
+    recipe = moemerge.Recipe.build(model_path=str(model_dirs["qwen2_moe"]), output_path=str(out),
+                                   calibration=str(text_file), seq_len=32, n_sentences=8, num_average_groups=4,
+                                   merge="fit", ppl=["none"], report=False, dtype="float32", cache=False)
+    moemerge.run(recipe, progress=False)
+    info = json.loads((out / "merge_info.json").read_text())["fit"]
+    assert info
+    for layer in info.values():
+        rel = layer["relative_error"]
+        assert layer["gap"] == pytest.approx(rel["chosen"]["held_out"] - rel["chosen"]["train"])
+        assert rel["chosen"]["held_out"] <= rel["start"]["held_out"] + 1e-9 or layer["chosen"]["start"]
+        assert sum(layer["chosen"].values()) == len(layer["groups"])
+        for group in layer["groups"].values():
+            assert group["chosen"] in CANDIDATES
+            assert all(group[k] in DAMP_GRID for k in ("gate", "up", "down") if k in group)
+
+
+def test_fit_options_only_with_merge_fit():
+    with pytest.raises(moemerge.MoemergeError, match="fit_scope only applies to merge=fit"):
+        moemerge.Recipe.build(merge="freq", fit_scope="down")
+    with pytest.raises(moemerge.MoemergeError, match="fit_held_out"):
+        moemerge.Recipe.build(merge="fit", fit_held_out=1.0)
+    assert moemerge.Recipe.build(merge="fit", fit_scope="down", fit_held_out=0).fit_held_out == 0
 
 
 def test_solve_down_recovers_a_planted_solution():

@@ -59,6 +59,7 @@ class MergeResult:
     lm_eval_after: object | None = None  # ... and of the merged model
     report_path: Path | None = None
     router_fit: dict | None = None  # per-layer sample error before/after refitting the collapsed router
+    layer_info: dict[int, dict] | None = None  # per-layer summary of the merge's plan-aware pass (fit: objectives)
 
     def summary(self) -> dict:
         out = {
@@ -148,6 +149,7 @@ def job_for(recipe: Recipe, tokenizer, config, fp: str, progress: bool, ranks: R
         wins, description = calibration_windows(tokenizer, settings)
         key = cache_key(fp, wins)  # the whole job's windows, whatever the number of ranks
         job.windows = ranks.share(wins)
+        job.window_offset = ranks.offset(len(wins))  # global window indices: held-out splits ignore the ranks
         job.meta = {"model": recipe.model_path, "model_fingerprint": fp, "calibration": description,
                     "windows": list(wins.shape), "cache_key": key, "sequential": recipe.sequential}
         job.cache = StatsCache(cache_root(), key) if settings.use_cache else None
@@ -164,7 +166,7 @@ def merge_model(loaded: LoadedModel, recipe: Recipe, progress: bool = True) -> M
         set_expert_count(loaded.model.config, source.family, outcome.plan, recipe.router)
     return MergeResult(recipe, outcome.plan, outcome.stats if outcome.plan is not None else None,
                        outcome.parameters_before, outcome.parameters_after, outcome.timings,
-                       router_fit=outcome.router_fit)
+                       router_fit=outcome.router_fit, layer_info=outcome.layer_info or None)
 
 
 def calibrate(loaded: LoadedModel, settings: CalibrationSettings, names: list[str], progress: bool = True) -> Stats:
@@ -196,6 +198,8 @@ def merge_info(result: MergeResult, source_name: str, fp: str) -> dict:
         info["frequencies"] = {str(li): result.stats.frequency(li).tolist() for li in result.stats.layers
                                if "frequency" in result.stats.layers[li]}
         info["calibration"] = {k: v for k, v in result.stats.meta.items() if k != "versions"}
+    if result.layer_info:  # merge: fit: per layer, train / held-out objectives (their gap), damping, choices
+        info[result.recipe.merge] = {str(li): v for li, v in sorted(result.layer_info.items())}
     info["parameters"] = {"before": result.parameters_before, "after": result.parameters_after}
     return info
 
@@ -366,7 +370,8 @@ def _run(recipe: Recipe, source: LayerSource, tokenizer, name: str, local_dir: P
         outcome = execute(source, recipe, job)
         result = MergeResult(recipe, outcome.plan, outcome.stats if merging else None, outcome.parameters_before,
                              outcome.parameters_after, {**timings, **outcome.timings}, outcome.ppl_before,
-                             outcome.ppl_after if merging else {}, router_fit=outcome.router_fit)
+                             outcome.ppl_after if merging else {}, router_fit=outcome.router_fit,
+                             layer_info=outcome.layer_info or None)
         result.fidelity = outcome.fidelity if merging else None
         result.file_bytes_before = folder_bytes(local_dir) if local_dir is not None else None
         if sink is not None:

@@ -99,6 +99,11 @@ class Recipe(BaseModel):
     ingredient: Literal["act", "weight", "act+weight"] = Field(
         "act", description="Feature matched by zipit / fix-dom-same.")
     data_limit: int | None = Field(None, ge=1, description="Largest number of tokens kept for zipit / fix-dom-same.")
+    fit_scope: Literal["down", "expert"] = Field(
+        "expert", description="merge=fit: what is fitted to the group's routed output: down (the down projection) "
+                              "or expert (gate and up too, then down).")
+    fit_held_out: float = Field(0.25, ge=0, lt=1, description="merge=fit: share of calibration windows held out to "
+                                                              "choose damping and the fit (0: fixed damping).")
     partition: int = Field(1, ge=1, description="Process a layer's experts in this many parts (memory).")
     rank_ratio: float | None = Field(None, gt=0, le=1, description="Sub-MoE†: keep this share of the merged "
                                                                    "experts' rank (low-rank factors).")

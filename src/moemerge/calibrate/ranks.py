@@ -47,6 +47,10 @@ class Ranks:
         bounds = [len(windows) * r // self.world for r in range(self.world + 1)]
         return windows[bounds[self.rank]:bounds[self.rank + 1]]
 
+    def offset(self, count: int) -> int:
+        """Index, among all ``count`` windows, of the first window of this rank's :meth:`share` (0 alone)."""
+        return count * self.rank // self.world if self.distributed else 0
+
     def sum_(self, tensor: torch.Tensor) -> None:
         """In-place sum over ranks (fp64 sums stay fp64)."""
         if self.distributed:

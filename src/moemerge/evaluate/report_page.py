@@ -28,6 +28,28 @@ def _table(header: tuple[str, ...], rows: list[tuple]) -> list[str]:
             *("| " + " | ".join(str(c) for c in r) + " |" for r in rows)]
 
 
+def _fit_section(layer_info: dict | None) -> list[str]:
+    """``merge: fit``'s per-layer objectives: unexplained share of the groups' routed output on the fitted and the
+    held-out calibration windows, for the start and the chosen fit, and what each group got."""
+    if not layer_info or not all("relative_error" in v for v in layer_info.values()):
+        return []
+
+    def pct(v: float | None) -> str:
+        return "-" if v is None else f"{100 * v:.1f} %"
+
+    rows = []
+    for li, v in sorted(layer_info.items(), key=lambda kv: int(kv[0])):
+        rel = v["relative_error"]
+        chosen = ", ".join(f"{k} {n}" for k, n in v["chosen"].items() if n)
+        rows.append((li, pct(rel["start"]["train"]), pct(rel["start"]["held_out"]), pct(rel["chosen"]["train"]),
+                     pct(rel["chosen"]["held_out"]), pct(v.get("gap")), chosen))
+    return ["## Output fit", "",
+            "Share of the groups' routed output the merged experts miss (eq. 1 of `merge/fit.py`), on the windows "
+            "fitted and on those held out to choose damping and the fit.", "",
+            *_table(("layer", "start, fitted", "start, held out", "fit, fitted", "fit, held out", "gap", "groups"),
+                    rows), ""]
+
+
 def write_report(result, out_dir: str | Path, title: str | None = None) -> Path:
     """Write ``report.md`` (+ ``report_images/*.png``) for a :class:`moemerge.pipeline.MergeResult`."""
     out = Path(out_dir)
@@ -84,6 +106,8 @@ def write_report(result, out_dir: str | Path, title: str | None = None) -> Path:
             lines += _table(("prompt", "original", "merged"),
                             [(cell(g["prompt"]), cell(g["original"]), cell(g["merged"])) for g in fid["generations"]])
             lines.append("")
+
+    lines += _fit_section(getattr(result, "layer_info", None))
 
     lm_before, lm_after = getattr(result, "lm_eval_before", None), getattr(result, "lm_eval_after", None)
     if lm_before or lm_after:

@@ -59,8 +59,10 @@ class Stream:
     """Token windows on their way through the decoder layers: one hidden-state tensor per batch, and the arguments
     the model gives each decoder layer (shared by batches of the same shape)."""
 
-    def __init__(self, trunk: Trunk, windows: torch.Tensor, batch_size: int, device: torch.device) -> None:
+    def __init__(self, trunk: Trunk, windows: torch.Tensor, batch_size: int, device: torch.device,
+                 first: int = 0) -> None:
         self.ids = [windows[i:i + batch_size] for i in range(0, len(windows), batch_size)]
+        self.first = first  # index of the first window among the whole job's (a distributed rank's share)
         self.hidden: list[torch.Tensor] = []
         self._calls: dict[tuple, list[LayerCall]] = {}
         for ids in self.ids:
@@ -71,19 +73,28 @@ class Stream:
     def calls(self, batch: int) -> list[LayerCall]:
         return self._calls[tuple(self.ids[batch].shape)]
 
-    def through(self, layer: nn.Module, index: int, until: Callable[[], bool] | None = None) -> list[torch.Tensor]:
-        """The layer's outputs for every batch (stops early, returning fewer, once ``until()`` is true)."""
+    def window_ids(self, batch: int) -> torch.Tensor:
+        """Indices, among the whole job's windows, of the windows of ``batch`` (the same on any number of ranks)."""
+        start = self.first + sum(len(i) for i in self.ids[:batch])
+        return torch.arange(start, start + len(self.ids[batch]))
+
+    def through(self, layer: nn.Module, index: int, until: Callable[[], bool] | None = None,
+                before: Callable[[int], None] | None = None) -> list[torch.Tensor]:
+        """The layer's outputs for every batch (stops early, returning fewer, once ``until()`` is true);
+        ``before(b)`` is called before batch ``b`` goes through."""
         out = []
         for b, h in enumerate(self.hidden):
             if until is not None and until():
                 break
+            if before is not None:
+                before(b)
             out.append(run_layer(layer, h, self.calls(b)[index]))
         return out
 
     def twin(self) -> Stream:
         """Same windows and hidden states, moving on independently from here."""
         other = object.__new__(Stream)
-        other.ids, other._calls, other.hidden = self.ids, self._calls, list(self.hidden)
+        other.ids, other._calls, other.hidden, other.first = self.ids, self._calls, list(self.hidden), self.first
         return other
 
     @property
@@ -106,6 +117,7 @@ class Outcome:
     router_fit: dict[int, tuple[float, float]] | None = None
     mapped: dict[int, dict] = field(default_factory=dict)  # layer -> {"expert_map": [...], "ranks": {...}|None}
     probe: dict | None = None  # reload check: ids, per-layer (input, output) of the merged layers, final logits
+    layer_info: dict[int, dict] = field(default_factory=dict)  # layer -> what its plan-aware pass reported
 
     @property
     def ppl_before(self) -> dict[str, float]:
@@ -147,6 +159,7 @@ class Job:
     stats: Stats | None = None  # statistics already at hand (not recomputed)
     passes_only: bool = False  # run the merge method's plan-aware passes into the statistics, merge nothing
     ranks: Ranks = SINGLE  # a distributed job: ``windows`` and ``eval_windows`` are this rank's share
+    window_offset: int = 0  # index of ``windows[0]`` among the whole job's calibration windows
 
 
 def execute(source: LayerSource, recipe: Recipe, job: Job) -> Outcome:
@@ -224,8 +237,16 @@ class _Walk:
         observer = Observer([view], list(names))
         if accumulators is not None:
             observer.accumulators = {index: accumulators}
+        before = None
+        if accumulators is not None:
+            starts = [acc.start_batch for acc in accumulators if hasattr(acc, "start_batch")]
+            if starts:
+                def before(b: int) -> None:  # tell window-aware accumulators (held-out splits) the batch's windows
+                    ids = stream.window_ids(b)
+                    for start in starts:
+                        start(ids)
         with observer.attached(), torch.no_grad():
-            outputs = stream.through(layer, index, until)
+            outputs = stream.through(layer, index, until, before)
         for acc in observer.accumulators.get(index, []):
             acc.reduce(self.job.ranks)  # a distributed job: combine the ranks' shares once the layer is through
         return outputs, (observer.results().get(index, {}) if accumulators is None else {})
@@ -265,7 +286,7 @@ class _Walk:
         last = max(missing_layers, default=-1) if plan_only else self._last_needed()
         last_calib = max(needs_calib, default=-1)
         with self.clock("calibrate"):
-            calib = Stream(self.trunk, job.windows, recipe.train_batch_size, self.device) \
+            calib = Stream(self.trunk, job.windows, recipe.train_batch_size, self.device, job.window_offset) \
                 if last_calib >= 0 and job.windows is not None else None
         if calib is None and last_calib >= 0:
             raise MoemergeError("calibration windows are needed but none were given")
@@ -406,7 +427,14 @@ class _Walk:
                 self._observe(layer, view, calib, i, accumulators=accumulators, until=until)
 
         if self.method.layer_pass is not None:
-            entries = self.method.layer_pass(LayerPass(view, layer_plan, self.stats, recipe, run))
+            def reduce(accumulators: list) -> None:
+                for acc in accumulators:
+                    acc.reduce(self.job.ranks)
+
+            entries = self.method.layer_pass(LayerPass(view, layer_plan, self.stats, recipe, run, reduce))
+            info = entries.pop("info", None)  # a small JSON-able summary (fit: train / held-out objectives)
+            if info is not None:
+                self.out.layer_info[i] = info
             self.stats.layers[i].update(entries)
         if self.job.passes_only:
             return False, calib_out

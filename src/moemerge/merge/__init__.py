@@ -89,13 +89,18 @@ class LayerPass:
     """What a plan-aware method sees of one layer: the built MoE layer, its plan, the layer's statistics, the recipe,
     and ``run(accumulators, until=None)``, which pushes the layer's calibration inputs through the layer with the
     accumulators (anything with ``update(LayerBatch)``) fed by the observer hooks, stopping early once ``until()``
-    is true."""
+    is true. Before each batch, an accumulator with a ``start_batch(window_ids)`` method is told the indices of the
+    batch's windows among the whole job's (the same on any number of ranks: held-out splits), and ``layer_pass`` may
+    return an ``info`` entry (small, JSON-able) that ``merge_info.json`` records for the layer."""
 
     layer: MoeLayer
     plan: LayerPlan
     stats: Stats
     recipe: Any
     run: Callable[..., None]
+    # ``reduce(accumulators)``: combine accumulators fed outside ``run`` (e.g. replaying recorded batches) over the
+    # ranks of a distributed job, as ``run`` does for its own; None: single process, nothing to combine.
+    reduce: Callable[[list], None] | None = None
 
 
 MERGE: Registry[MergeMethod] = Registry("merge")
@@ -116,6 +121,9 @@ def check_options(recipe: Any) -> None:
     for name in ("ingredient", "data_limit"):
         if name in given and getattr(recipe, name) is not None and not method.neuron_matching:
             raise ValueError(f"{name} only applies to merge={' or '.join(matching)} (merge is {merge!r})")
+    for name in ("fit_scope", "fit_held_out"):
+        if name in given and merge != "fit":
+            raise ValueError(f"{name} only applies to merge=fit (merge is {merge!r})")
 
 
 def frequency_weights(frequency: torch.Tensor) -> torch.Tensor:
