@@ -53,6 +53,8 @@ def run_rows(model: str, ckpt, rows: list[str], groups: int, fmt: str, calibrati
     trials = []
     for name in rows:
         trial = Trial(name, groups, None)
+        if fmt != "compact" and CANDIDATES[name].get("router_fit"):
+            continue  # a refitted router is compact by nature: its row is in the compact table
         opts = in_format(CANDIDATES[name], fmt)
         if isinstance(opts, str):
             trial.error = opts
