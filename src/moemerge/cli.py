@@ -121,6 +121,12 @@ def _fail(exc: Exception) -> None:
     sys.exit(2)
 
 
+def _candidate_names() -> list[str]:
+    from .recommend import CANDIDATES
+
+    return list(CANDIDATES)
+
+
 def _refuse_existing(path: str | Path | None, overwrite: bool, what: str) -> None:
     """Nothing a user owns is replaced without ``--overwrite`` (checked before any work starts)."""
     if path is None or overwrite:
@@ -372,10 +378,8 @@ def demo(model_name: str | None, output: str | None, groups: int | None, router:
               show_default=True, help="Checkpoint format the candidates are written in and compared at: mapped "
                                       "(exact routing, custom code), compact (stock transformers / vLLM, same count "
                                       "per layer), padded (stock, uneven counts padded).")
-@click.option("--candidates", default=None, help="Comma-separated candidate names  [default: all; choices: "
-                                                 "hc-smoe, m-smoe, sub-moe, sub-moe-dagger, frequency-prune, "
-                                                 "output-prune, reap, moemerge, hc-smoe+fit, m-smoe+fit, "
-                                                 "sub-moe+fit, hc-smoe+fit+seq, hc-smoe+fit+rfit].")
+@click.option("--candidates", default=None, cls=RecipeOption, choices_from=_candidate_names,
+              help="Comma-separated candidate names (default: all).")
 @click.option("--overwrite", is_flag=True, help="Replace the recipe, trials and frontier files if they exist.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @recipe_options(skip=tuple(f for f in Recipe.model_fields if f not in (
