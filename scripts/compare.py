@@ -70,7 +70,7 @@ def run_rows(model: str, ckpt, rows: list[str], groups: int, fmt: str, calibrati
     return trials
 
 
-def table(trials: list[Trial], parameters_before: int) -> list[str]:
+def table(trials: list[Trial]) -> list[str]:
     lines = ["| recipe | format | ppl ratio | KL | top-1 | experts/layer | parameters | time (s) |",
              "|---|---|---|---|---|---|---|---|"]
     for t in sorted(trials, key=lambda t: (t.error is not None, t.ppl_ratio if math.isfinite(t.ppl_ratio)
@@ -81,7 +81,7 @@ def table(trials: list[Trial], parameters_before: int) -> list[str]:
         counts = t.counts
         per_layer = str(counts[0]) if len(set(counts)) == 1 else "/".join(map(str, counts))
         lines.append(f"| {t.name} | {t.format} | {t.ppl_ratio:.3f} | {t.kl:.3f} | {t.top1:.3f} | {per_layer} | "
-                     f"{t.parameters / parameters_before:.3f}× | {t.seconds:.0f} |")
+                     f"{t.parameters / t.parameters_before:.3f}× | {t.seconds:.0f} |")
     return lines
 
 
@@ -133,16 +133,14 @@ def main() -> None:
         spec = family_of(cfg)
         num_experts, top_k = spec.num_experts(cfg), spec.top_k(cfg)
         held = eval_texts(ckpt.tokenizer, ["bundled:validation"], args.seq_len, args.ppl_windows)[0].windows
-        before = None
         lines += [f"## {Path(model).name} ({spec.name}: {num_experts} experts, top-{top_k})", ""]
         for ratio in args.ratios:
             groups = max(top_k, num_experts - round(num_experts * ratio))
             for fmt in args.formats:
                 print(f"[{Path(model).name} −{ratio:.1%} {fmt}]", flush=True)
                 trials = run_rows(model, ckpt, args.rows, groups, fmt, "bundled", held, args)
-                before = before or _parameters_before(ckpt)
                 lines += [f"### −{ratio:.1%} ({groups} of {num_experts} experts per layer), {fmt}", "",
-                          *table(trials, before), "", summary(trials), ""]
+                          *table(trials), "", summary(trials), ""]
         if args.no_domains:
             continue
         groups = max(top_k, num_experts - round(num_experts * args.domain_ratio))
@@ -165,19 +163,6 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
     print(f"wrote {out}")
-
-
-def _parameters_before(ckpt) -> int:
-    """Parameters of the original checkpoint, from its safetensors headers (no weight is read)."""
-    from safetensors import safe_open
-
-    total = 0
-    for f in sorted(Path(ckpt.folder).glob("*.safetensors")):
-        with safe_open(str(f), "pt") as st:
-            for key in st.keys():
-                shape = st.get_slice(key).get_shape()
-                total += math.prod(shape)
-    return total
 
 
 if __name__ == "__main__":

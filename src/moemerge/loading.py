@@ -68,6 +68,17 @@ def check_shipped_code(folder: Path) -> None:
                             f"was changed (moemerge never runs a model folder's own code)")
 
 
+def hub_config_folder(source: str) -> Path:
+    """The hub cache folder holding hub id ``source``'s ``config.json`` (downloaded once; transformers then reads it
+    from the cache), or a one-line error (offline, unknown or gated repo) before anything else is tried."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(source, "config.json")).parent
+    except Exception as exc:  # many exception types
+        raise MoemergeError(f"cannot load config of {source!r}: {str(exc).splitlines()[0]}") from None
+
+
 def load_model(source: str, dtype: str | None = "auto", device: str | None = "auto",
                device_map: str | None = None, require_moe: bool = True) -> LoadedModel:
     """Load a causal-LM MoE checkpoint and its tokenizer.
@@ -82,13 +93,10 @@ def load_model(source: str, dtype: str | None = "auto", device: str | None = "au
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from .save.remote.registered import register_all, register_folder
+    from .save.remote.registered import register_folder
 
     local_dir = model_folder(source)
-    if local_dir is not None:
-        register_folder(local_dir)  # moemerge's own mapped model types
-    else:
-        register_all()  # a hub id: its config is not read yet
+    register_folder(local_dir if local_dir is not None else hub_config_folder(source))  # moemerge's mapped types
 
     where = str(local_dir) if local_dir else source
 

@@ -22,7 +22,7 @@ from .calibrate.cache import StatsCache, cache_key, versions
 from .calibrate.ranks import SINGLE, Ranks, from_environment
 from .data import load_text
 from .errors import MoemergeError
-from .evaluate import DEFAULT_WINDOW, default_ppl_sources, eval_texts, window_length
+from .evaluate import default_ppl_sources, eval_texts, window_length
 from .execute.executor import Job, execute
 from .execute.sink import ShardSink, check_free, verify
 from .execute.source import LayerSource, ModelSource, ShardSource, meta_skeleton
@@ -88,10 +88,9 @@ class MergeResult:
 
 # ---- checks before any expensive step ----------------------------------------------------------------------------
 def calibration_settings(recipe: Recipe, config) -> CalibrationSettings:
-    max_pos = getattr(config, "max_position_embeddings", None) or DEFAULT_WINDOW
-    seq_len = recipe.seq_len or window_length(config)[0]
-    if seq_len > max_pos:
-        raise MoemergeError(f"seq_len={seq_len} exceeds the model's max_position_embeddings ({max_pos})")
+    seq_len, capped = window_length(config, recipe.seq_len)
+    if capped:  # a recipe's window is an input: refused, where `eval` would cap it with a note
+        raise MoemergeError(f"seq_len={recipe.seq_len} exceeds the model's max_position_embeddings ({seq_len})")
     return CalibrationSettings(recipe.calibration, recipe.n_sentences, seq_len, recipe.train_batch_size,
                                recipe.seed, recipe.cache)
 

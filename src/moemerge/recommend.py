@@ -71,6 +71,7 @@ class Trial:
     kl: float = math.nan
     top1: float = math.nan
     parameters: int = 0
+    parameters_before: int = 0  # the original checkpoint's
     seconds: float = 0.0
     error: str | None = None
     counts: list[int] = field(default_factory=list)  # experts per MoE layer after the merge
@@ -235,7 +236,7 @@ def score_trial(ckpt, trial: Trial, held: torch.Tensor, progress: bool = False) 
         fid = outcome.fidelity or {}
         trial.ppl, trial.ppl_ratio = ppl, ppl / ppl0
         trial.kl, trial.top1 = fid.get("kl", math.nan), fid.get("top1", math.nan)
-        trial.parameters = outcome.parameters_after
+        trial.parameters, trial.parameters_before = outcome.parameters_after, outcome.parameters_before
         trial.counts = list(outcome.plan.counts().values()) if outcome.plan is not None else []
     except MoemergeError as exc:
         trial.error = _short_reason(str(exc))

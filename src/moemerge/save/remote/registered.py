@@ -45,9 +45,3 @@ def register_folder(folder: str | Path) -> bool:
     except (OSError, ValueError):
         return False
     return register(model_type)
-
-
-def register_all() -> None:
-    """Every mapped type at once (imports every family's modeling module: seconds)."""
-    for base in mapped_model_types():
-        register(base + MAPPED_SUFFIX)
