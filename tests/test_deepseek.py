@@ -94,7 +94,7 @@ def test_router_refit_runs_with_the_family_routing(deepseek_dir, text_file, tmp_
     result = moemerge.run(_recipe(d, text_file, tmp_path / "o", num_average_groups=4, router="collapse",
                                   router_fit=True), progress=False)
     assert set(result.router_fit) == {1, 2}
-    assert all(after <= before for before, after in result.router_fit.values())
+    assert all(v["after"] <= v["before"] for v in result.router_fit.values())
 
 
 @pytest.mark.parametrize("fmt", ["mapped", "lowrank"])

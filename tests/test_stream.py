@@ -37,6 +37,7 @@ CASES = [
     ("hc-smoe", {"merge": "fix-dom-same", "router": "mapped"}),
     ("hc-smoe", {"merge": "weighted", "mode": "2,1", "cluster": "kmeans"}),
     ("moemerge", {"router": "mapped"}),
+    ("moemerge", {"router": "mapped", "router_fit": True, "router_fit_rounds": 2}),
     ("moemerge", {"router": "padded"}),
     ("sub-moe", {}),
     ("sub-moe-dagger", {"multi_layer": 1}),

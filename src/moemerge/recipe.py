@@ -102,8 +102,9 @@ class Recipe(BaseModel):
     fit_scope: Literal["down", "expert"] = Field(
         "expert", description="merge=fit: what is fitted to the group's routed output: down (the down projection) "
                               "or expert (gate and up too, then down).")
-    fit_held_out: float = Field(0.25, ge=0, lt=1, description="merge=fit: share of calibration windows held out to "
-                                                              "choose damping and the fit (0: fixed damping).")
+    fit_held_out: float = Field(0.25, ge=0, lt=1, description="merge=fit and router_fit: share of calibration "
+                                                              "windows held out to choose damping, the fit and when "
+                                                              "to stop (0: fixed damping).")
     partition: int = Field(1, ge=1, description="Process a layer's experts in this many parts (memory).")
     rank_ratio: float | None = Field(None, gt=0, le=1, description="Sub-MoE†: keep this share of the merged "
                                                                    "experts' rank (low-rank factors).")
@@ -116,7 +117,11 @@ class Recipe(BaseModel):
                                     "slots share merged experts (exact); collapse = one expert and row per group.")
     router_adapt: str = Field("fit", description="How a collapsed router row is made from its group's rows (fit: "
                                                  "least squares to the members' log-sum-exp; measured best).")
-    router_fit: bool = Field(False, description="Refit collapsed router rows on calibration tokens.")
+    router_fit: bool = Field(False, description="Refit collapsed router rows, then the merged experts' down "
+                                                "projections under them, on calibration tokens.")
+    router_fit_rounds: int = Field(3, ge=0, le=20, description="router_fit: expert/router rounds after the first "
+                                                               "router fit, stopped early by held-out windows "
+                                                               "(0: router only).")
     overwrite: bool = Field(False, description="Replace output_path if it exists.")
     max_shard_size: str = Field("5GB", description="Largest output shard (e.g. 5GB, 500MB), as save_pretrained's.")
 
@@ -151,8 +156,9 @@ class Recipe(BaseModel):
     def _combinations(self) -> Recipe:
         if "linkage" in self.explicit() and self.cluster != "hierarchical":
             raise ValueError(f"linkage only applies to cluster=hierarchical (cluster is {self.cluster!r})")
-        if self.router_fit and self.router not in ("collapse", "compact"):
-            raise ValueError(f"router_fit refits collapsed router rows; it needs router=collapse (got {self.router!r})")
+        if self.router_fit and self.router not in ("collapse", "compact", "mapped"):
+            raise ValueError(f"router_fit refits the router and merged experts of router=collapse (compact) or "
+                             f"mapped checkpoints (got {self.router!r})")
         if self.random_start_center and self.cluster != "kmeans":
             raise ValueError("random_start_center only applies to cluster=kmeans")
         from .methods import check_recipe  # the rules live with the methods; methods imports every registry

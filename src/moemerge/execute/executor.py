@@ -114,7 +114,7 @@ class Outcome:
     nll_before: dict[str, tuple[float, int]] = field(default_factory=dict)  # text -> (summed NLL, tokens)
     nll_after: dict[str, tuple[float, int]] = field(default_factory=dict)
     fidelity: dict | None = None
-    router_fit: dict[int, tuple[float, float]] | None = None
+    router_fit: dict[int, dict] | None = None  # layer -> refit_layer's summary (sample objective before/after)
     mapped: dict[int, dict] = field(default_factory=dict)  # layer -> {"expert_map": [...], "ranks": {...}|None}
     probe: dict | None = None  # reload check: ids, per-layer (input, output) of the merged layers, final logits
     layer_info: dict[int, dict] = field(default_factory=dict)  # layer -> what its plan-aware pass reported
@@ -206,7 +206,7 @@ class _Walk:
         self.plan: MergePlan | None = job.plan
         self.frequencies: dict[int, torch.Tensor] = {}
         self.layer_plans: dict[int, LayerPlan] = {}  # per-layer recipes: plans as the walk makes them
-        self.router_fit: dict[int, tuple[float, float]] = {}
+        self.router_fit: dict[int, dict] = {}
         self._walked_parameters = 0
 
     # ---- helpers -----------------------------------------------------------------------------------------------
@@ -440,7 +440,7 @@ class _Walk:
             return False, calib_out
         sample = None
         if recipe.router_fit:
-            sample = RoutedOutputSample(view)
+            sample = RoutedOutputSample(view, held_out=recipe.fit_held_out)
             run([sample], until=sample.full)
         # What the original layer gives: carried on by the calibration stream (not sequential) and the originals'
         # evaluation streams, computed before the layer is overwritten.
@@ -459,7 +459,8 @@ class _Walk:
             extra = {"num_slots": self._num_slots()} if fmt.padded else {}
             fmt.apply(view, layer_plan, merged, self.frequencies[i], self.adapt, inputs=inputs, **extra)
             if sample is not None and sample.count:
-                self.router_fit[i] = refit_layer(view, sample.result(), self.config)
+                self.router_fit[i] = refit_layer(view, sample.result(), self.config,
+                                                 rounds=recipe.router_fit_rounds)
         return True, calib_out
 
     def _num_slots(self) -> int:

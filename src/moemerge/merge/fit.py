@@ -128,6 +128,16 @@ def held_out_windows(index: torch.Tensor, share: float) -> torch.Tensor:
     return torch.floor((g + 1) * share) > torch.floor(g * share)
 
 
+def held_out_tokens(windows: torch.Tensor | None, num_tokens: int, share: float,
+                    device: torch.device | str = "cpu") -> torch.Tensor:
+    """``[T]`` bool: each token of a batch belongs to a held-out window (:func:`held_out_windows`; a batch's tokens
+    are its windows', in order). All False without window indices or with ``share`` 0."""
+    if share <= 0 or windows is None or len(windows) == 0 or num_tokens % len(windows):
+        return torch.zeros(num_tokens, dtype=torch.bool, device=device)
+    held = held_out_windows(windows, share).to(device)
+    return held.repeat_interleave(num_tokens // len(windows))
+
+
 def start_methods() -> list[str]:
     """Merges ``fit`` can start from: single-pass methods (no plan-aware pass of their own)."""
     return [m for m in MERGE if m not in ("fit", "no") and MERGE.get(m).layer_pass is None]
@@ -211,12 +221,7 @@ class GroupFitAccumulator(Statistic):
         self._windows = window_ids
 
     def _held_tokens(self, num_tokens: int, device: torch.device) -> torch.Tensor:
-        """``[T]`` bool: the token belongs to a held-out window (a batch's tokens are its windows', in order)."""
-        windows = self._windows
-        if self.held_out <= 0 or windows is None or len(windows) == 0 or num_tokens % len(windows):
-            return torch.zeros(num_tokens, dtype=torch.bool, device=device)
-        held = held_out_windows(windows, self.held_out).to(device)
-        return held.repeat_interleave(num_tokens // len(windows))
+        return held_out_tokens(self._windows, num_tokens, self.held_out, device)
 
     @torch.no_grad()
     def update(self, batch: LayerBatch) -> None:

@@ -1,20 +1,42 @@
-"""``router_fit: true`` (with ``router: collapse``): refit the collapsed router rows on calibration tokens.
+"""``router_fit: true`` (with ``router: collapse``): refit the collapsed router, and the merged experts under it.
 
-A collapsed router has one row per group, so a token's group probabilities are no longer the sums of its members'.
-The rows made by ``router_adapt`` (``mean``, or the formats' fitted ``fit``/``kl``) only look at routing. Here the
-rows are refitted for the block's *output*: on a sample of calibration hidden states ``x`` at the layer, minimise
+A collapsed router has one row per group, so a token's group probabilities are no longer the sums of its members',
+and a token whose top-k originals fell into one group now also gets a second merged expert. The rows made by
+``router_adapt`` only look at routing, and ``merge: fit`` fits each merged expert to its group's routed output
+under the *original* routing (the ``keep``/``mapped`` one). Here both are refitted for what the written compact
+block really computes, on a sample of calibration hidden states ``x`` at the layer:
 
-    mean_x ‖ Σ_{g ∈ topk(R x)} w_g(x) M_g(x) − y(x) ‖²
+    (1)  L(R, W) = mean_x ‖ Σ_{g ∈ topk(R x)} w_g(x) W_g h_g(x) − y(x) ‖²,
 
-over the collapsed router weight ``R [G, H]`` with Adam, where ``M_g`` are the merged experts (fixed), ``w_g`` the
-family's own routing weights (:class:`~moemerge.families.Routing`: softmax or sigmoid scores, the collapsed
-score-correction bias, group-limited choice, renormalisation and scaling, so nothing is hard-coded) and
-``y(x) = Σ_{e ∈ topk} w_e(x) E_e(x)`` the original routed output. The top-k selection is piecewise constant; the
-gradient flows through the selected weights (the usual straight-through treatment of top-k routers). Starts from the
-``router_adapt`` rows and keeps them unless the objective on the sample improves, so it never does worse on it.
+``R [G, H]`` the collapsed router, ``W_g`` merged expert ``g``'s down projection, ``h_g(x) = act(G_g x) ⊙ (U_g x)``
+its intermediate activation, ``w_g`` the family's own routing weights (:class:`~moemerge.families.Routing`: softmax
+or sigmoid scores, the collapsed score-correction bias, group-limited choice, renormalisation and scaling), and
+``y(x) = Σ_{e ∈ topk} w_e(x) E_e(x)`` the original routed output. Block-coordinate descent, in rounds:
+
+* **router** (:func:`refit_rows`): Adam on ``R`` with the experts fixed. The top-k selection is piecewise constant;
+  the gradient flows through the selected weights (the usual straight-through treatment of top-k routers);
+* **experts** (:func:`refit_downs`): with the routing fixed, (1) is quadratic in each ``W_g``. One expert at a time
+  (Gauss-Seidel), with the others' current outputs subtracted from the target, its ridge solution towards its
+  current value (``Φ`` the rows ``w_g(x) h_g(x)`` of the tokens that chose ``g``, ``E`` their residual)
+
+      (2)  W_g ← W_g + Eᵀ Φ (ΦᵀΦ + λI)⁻¹ = W_g + ((ΦᵀΦ + λI)⁻¹ Φᵀ E)ᵀ,   λ = damp·mean(diag ΦᵀΦ),
+
+  from one eigendecomposition of the smaller of ``ΦᵀΦ [I, I]`` and ``ΦΦᵀ [t, t]`` (the dual form when fewer tokens
+  than neurons chose ``g``), so every ``damp`` of :data:`~moemerge.merge.fit.DAMP_GRID` costs one matrix product.
+  This is the "fit against the collapsed router's weights" that ``merge: fit`` cannot do (it runs before the router
+  exists).
+
+**Held out, early stopping.** Tokens of the sample's held-out windows (``fit_held_out``, the same window split as
+``merge: fit``) are never fitted: they choose each expert's ``damp`` (an update that does not lower its held-out
+error is not taken), and after every round the held-out (1) decides: a round that does not lower it by at least
+:data:`MIN_GAIN` ends the refit and is undone. ``router_fit_rounds`` caps the rounds after the first router fit
+(0: the router only, as before). Without held-out tokens the damping is fixed and rounds run to the cap. The start
+(``router_adapt`` rows, merged experts) is kept unless the fit lowers the sample objective on all its tokens and on
+the held-out ones, so the refit never ends worse on either.
 
 Memory: ``max_tokens`` sampled hidden states and targets per layer (``2·max_tokens·H`` fp32), taken by the executor
-from the layer's calibration inputs before its experts are replaced.
+from the layer's calibration inputs before its experts are replaced, the merged experts' outputs on them
+(``G·max_tokens·H``), one expert's ``[t, I]`` activations and one ``min(t, I)²`` Gram matrix at a time.
 """
 
 from __future__ import annotations
@@ -22,47 +44,62 @@ from __future__ import annotations
 import torch
 
 from ..errors import MoemergeError
-from ..families import MoeLayer, Routing
+from ..families import MoeLayer, Routing, expert_intermediate
 
 MAX_TOKENS = 4096
+#: A round must lower the held-out objective by this share to count (else the refit stops and undoes it).
+MIN_GAIN = 1e-3
+#: ``router_fit_rounds`` default: expert/router rounds after the first router fit.
+ROUNDS = 3
 
 
 class RoutedOutputSample:
-    """Keeps up to ``max_tokens`` (hidden, original routed output) pairs of one layer (Observer accumulator)."""
+    """Keeps up to ``max_tokens`` (hidden, original routed output, held out?) triples of one layer (Observer
+    accumulator); tokens are held out by window (:func:`~moemerge.merge.fit.held_out_tokens`)."""
 
-    def __init__(self, layer: MoeLayer, max_tokens: int = MAX_TOKENS) -> None:
-        self.layer, self.max_tokens = layer, max_tokens
+    def __init__(self, layer: MoeLayer, max_tokens: int = MAX_TOKENS, held_out: float = 0.0) -> None:
+        self.layer, self.max_tokens, self.held_out = layer, max_tokens, held_out
         self.hidden: list[torch.Tensor] = []
         self.target: list[torch.Tensor] = []
+        self.held: list[torch.Tensor] = []
         self.count = 0
+        self._windows: torch.Tensor | None = None
 
     def full(self) -> bool:
         return self.count >= self.max_tokens
 
+    def start_batch(self, window_ids: torch.Tensor) -> None:
+        """The executor's indices of the windows in the next batch (for the held-out split)."""
+        self._windows = window_ids
+
     def reduce(self, ranks) -> None:
-        """Every rank's pairs in rank order, cut to ``max_tokens``: the same sample on every rank."""
+        """Every rank's triples in rank order, cut to ``max_tokens``: the same sample on every rank."""
         if not ranks.distributed:
             return
-        parts = ranks.gather((torch.cat(self.hidden) if self.hidden else None,
-                              torch.cat(self.target) if self.target else None))
-        hidden = torch.cat([h for h, _ in parts if h is not None])[:self.max_tokens]
-        target = torch.cat([t for _, t in parts if t is not None])[:self.max_tokens]
-        self.hidden, self.target, self.count = [hidden], [target], int(hidden.shape[0])
+        parts = ranks.gather(tuple(torch.cat(t) if t else None for t in (self.hidden, self.target, self.held)))
+        hidden, target, held = (torch.cat([p[j] for p in parts if p[j] is not None])[:self.max_tokens]
+                                for j in range(3))
+        self.hidden, self.target, self.held, self.count = [hidden], [target], [held], int(hidden.shape[0])
 
     @torch.no_grad()
     def update(self, batch) -> None:
+        from ..merge.fit import held_out_tokens
+
         room = self.max_tokens - self.count
         if room <= 0:
             return
+        held = held_out_tokens(self._windows, batch.num_tokens, self.held_out)[:room]
         x = batch.hidden[:room]
         out = self.layer.run_experts(x)  # [E, t, H]
         w = batch.routed_weights()[:, :room]  # [E, t]
         self.hidden.append(x.cpu())
         self.target.append(torch.einsum("et,eth->th", w, out).cpu())
+        self.held.append(held.cpu())
         self.count += int(x.shape[0])
 
-    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.cat(self.hidden), torch.cat(self.target)
+    def result(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(hidden [T, H], target [T, H], held [T] bool)``."""
+        return torch.cat(self.hidden), torch.cat(self.target), torch.cat(self.held)
 
 
 def routed_output(rows: torch.Tensor, hidden: torch.Tensor, expert_out: torch.Tensor, routing: Routing,
@@ -100,19 +137,155 @@ def refit_rows(rows: torch.Tensor, hidden: torch.Tensor, expert_out: torch.Tenso
     return best, before, best_loss
 
 
+def ridge_steps(phi: torch.Tensor, resid: torch.Tensor, damps) -> dict[float, torch.Tensor]:
+    """Eq. 2's step ``ΔWᵀ = (ΦᵀΦ + λI)⁻¹ Φᵀ E`` ``[I, H]`` for each ``damp`` (``λ = damp·mean(diag ΦᵀΦ)``), from
+    one eigendecomposition in fp64: of ``ΦᵀΦ`` when there are at least as many rows as columns, else of ``ΦΦᵀ``
+    (``(ΦᵀΦ + λI)⁻¹Φᵀ = Φᵀ(ΦΦᵀ + λI)⁻¹``). Empty when ``Φ`` is all zeros.
+
+    Args:
+        phi: ``Φ [t, I]``.  resid: ``E [t, H]``.  damps: the ``damp`` values.
+    """
+    phi, resid = phi.double(), resid.double()
+    scale = float((phi * phi).sum()) / phi.shape[1]  # mean(diag ΦᵀΦ)
+    if not scale > 0:
+        return {}
+    dual = phi.shape[0] < phi.shape[1]
+    vals, vecs = torch.linalg.eigh(phi @ phi.T if dual else phi.T @ phi)
+    vals = vals.clamp_min(0)
+    proj = vecs.T @ resid if dual else vecs.T @ (phi.T @ resid)  # [r, H]
+    out = {}
+    for damp in damps:
+        core = vecs @ (proj / (vals + damp * scale)[:, None])
+        out[damp] = phi.T @ core if dual else core
+    return out
+
+
+def _expert_parts(layer: MoeLayer, hidden: torch.Tensor, weights: torch.Tensor, index: torch.Tensor, g: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(tokens [t], Φ [t, I])``: the tokens that chose expert ``g`` and their rows ``w_g(x) h_g(x)``."""
+    chose = index == g  # [T, k]
+    tokens = chose.any(1).nonzero().squeeze(1)
+    w = (weights * chose).sum(1)[tokens]
+    gate_up, _ = layer.expert_weights()
+    h = expert_intermediate(hidden[tokens], gate_up[g:g + 1].float(), layer.experts.act_fn)[0]
+    return tokens, h * w[:, None]
+
+
 @torch.no_grad()
-def refit_layer(layer: MoeLayer, sample: tuple[torch.Tensor, torch.Tensor], config, steps: int = 100
-                ) -> tuple[float, float]:
-    """Refit ``layer``'s (collapsed) router in place on ``sample`` (the family's routing for ``config``); returns the
-    sample MSE before and after."""
+def refit_downs(layer: MoeLayer, hidden: torch.Tensor, target: torch.Tensor, held: torch.Tensor,
+                weights: torch.Tensor, index: torch.Tensor, expert_out: torch.Tensor, damps) -> int:
+    """One Gauss-Seidel sweep of eq. 2 over the merged experts of ``layer`` (in place) for the fixed routing
+    ``(weights, index) [T, k]``; ``expert_out [G, T, H]`` (fp32, the experts' outputs on ``hidden``) is kept up to
+    date. An expert's step is taken with the ``damp`` of lowest held-out error (fixed at the first of ``damps``
+    without held-out tokens), and only if it lowers that error. Returns how many experts changed."""
+    _, down = layer.expert_weights()
+    pred = routed_from(weights, index, expert_out)
+    changed = 0
+    for g in range(down.shape[0]):
+        tokens, phi = _expert_parts(layer, hidden, weights, index, g)
+        if tokens.numel() == 0:
+            continue
+        w_old = down[g].double()
+        own = phi.double() @ w_old.T  # [t, H]: this expert's current contribution
+        resid = target[tokens].double() - pred[tokens].double()  # what the layer still misses there
+        fit_rows, held_rows = ~held[tokens], held[tokens]
+        if not bool(fit_rows.any()):
+            continue
+        steps = ridge_steps(phi[fit_rows], resid[fit_rows], damps if bool(held_rows.any()) else damps[:1])
+        if not steps:
+            continue
+        if bool(held_rows.any()):
+            phi_h, res_h = phi[held_rows].double(), resid[held_rows]
+            errors = {d: float((phi_h @ s - res_h).pow(2).sum()) for d, s in steps.items()}
+            damp = min(errors, key=errors.get)
+            if errors[damp] >= float(res_h.pow(2).sum()):
+                continue  # no damping helps on the held-out tokens: keep the expert
+        else:
+            damp = next(iter(steps))
+        w_new = w_old + steps[damp].T
+        down[g] = w_new.to(down.dtype)
+        new_own = phi.double() @ down[g].double().T
+        pred[tokens] += (new_own - own).to(pred.dtype)
+        expert_out[g] = torch.einsum("ti,hi->th", expert_intermediate(
+            hidden, layer.expert_weights()[0][g:g + 1].float(), layer.experts.act_fn)[0], down[g].float())
+        changed += 1
+    return changed
+
+
+def routed_from(weights: torch.Tensor, index: torch.Tensor, expert_out: torch.Tensor) -> torch.Tensor:
+    """``Σ_k weights[:, k]·expert_out[index[:, k]]`` ``[T, H]`` for a fixed routing."""
+    picked = expert_out.permute(1, 0, 2)[torch.arange(index.shape[0])[:, None], index]  # [T, k, H]
+    return (weights[..., None] * picked).sum(1)
+
+
+def _mse(pred: torch.Tensor, target: torch.Tensor, rows: torch.Tensor | None = None) -> float:
+    if rows is not None:
+        pred, target = pred[rows], target[rows]
+    return float((pred - target).pow(2).sum(-1).mean()) if pred.shape[0] else float("nan")
+
+
+@torch.no_grad()
+def refit_layer(layer: MoeLayer, sample: tuple[torch.Tensor, ...], config, steps: int = 100,
+                rounds: int = ROUNDS) -> dict:
+    """Refit ``layer``'s collapsed router and merged experts' down projections in place on ``sample`` =
+    ``(hidden, target[, held])`` (see the module docstring). Returns the sample objective (1) before and after
+    (``before``/``after``, all tokens; ``held_out_before``/``held_out_after`` on the held-out tokens, None without
+    them), the rounds run and kept, and the sample's token counts."""
+    from ..merge.fit import DAMP, DAMP_GRID
+
     weight = layer.router_weight
-    hidden, target = (t.to(weight.device).float() for t in sample)
-    expert_out = layer.run_experts(hidden)  # merged experts, fixed
-    if weight.shape[0] != expert_out.shape[0]:
-        raise MoemergeError("router_fit needs one router row per merged expert (router=collapse)")
+    hidden, target = (t.detach().to(weight.device).float() for t in sample[:2])
+    held = sample[2].to(weight.device) if len(sample) > 2 else torch.zeros(hidden.shape[0], dtype=torch.bool)
+    if not bool((~held).any()):
+        held = torch.zeros_like(held)  # nothing left to fit on: fit on everything, judge nothing
+    judged = bool(held.any())
+    train = ~held
+    expert_out = layer.run_experts(hidden)  # merged experts [G, T, H]
+    # mapped: the router keeps its N rows and slot e feeds merged expert expert_map[e]; collapse: one row each
+    slots = layer.experts.expert_map.to(weight.device) if hasattr(layer.experts, "expert_map_list") \
+        else torch.arange(expert_out.shape[0], device=weight.device)
+    if weight.shape[0] != slots.shape[0]:
+        raise MoemergeError("router_fit needs one router row per merged expert (router=collapse) or the mapped "
+                            "format's expert map")
     bias = layer.choice_bias
-    with torch.enable_grad():
-        rows, before, after = refit_rows(weight.data, hidden, expert_out, target, layer.family.routing(config),
-                                         None if bias is None else bias.float(), steps)
-    weight.data.copy_(rows.to(weight.dtype))
-    return before, after
+    bias = None if bias is None else bias.float()
+    routing = layer.family.routing(config)
+    _, down = layer.expert_weights()
+    damps = DAMP_GRID if judged else (DAMP,)
+
+    def objective(rows: torch.Tensor, out: torch.Tensor, part: torch.Tensor | None) -> float:
+        return _mse(routed_output(rows, hidden, out[slots], routing, bias), target, part)
+
+    def router_step(rows: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            new, _, _ = refit_rows(rows, hidden[train], expert_out[slots][:, train], target[train], routing, bias,
+                                   steps)
+        return new
+
+    rows = weight.data.float().clone()
+    start_rows, start_down = rows.clone(), down.clone()
+    before, held_before = objective(rows, expert_out, None), objective(rows, expert_out, held) if judged else None
+    rows = router_step(rows)
+    best_rows, best_down = rows.clone(), down.clone()
+    after = objective(rows, expert_out, None)
+    best_held = objective(rows, expert_out, held) if judged else None
+    kept = ran = 0
+    for _ in range(rounds):
+        ran += 1
+        weights, index = routing(hidden @ rows.T, bias)
+        index = slots[index]  # slots of one merged expert add their weights (mapped)
+        refit_downs(layer, hidden, target, held, weights, index, expert_out, damps)
+        rows = router_step(rows)
+        if judged:
+            current = objective(rows, expert_out, held)
+            if not current < best_held * (1 - MIN_GAIN):
+                break  # held-out stopped improving: this round is undone below
+            best_held = current
+        best_rows, best_down, after, kept = rows.clone(), down.clone(), objective(rows, expert_out, None), kept + 1
+    if not after < before or (judged and not best_held < held_before):  # never worse than the start on either
+        best_rows, best_down, after, best_held, kept = start_rows, start_down, before, held_before, 0
+    down.copy_(best_down)
+    weight.data.copy_(best_rows.to(weight.dtype))
+    return {"before": before, "after": after, "held_out_before": held_before,
+            "held_out_after": best_held if judged else None, "rounds": ran, "rounds_kept": kept,
+            "tokens": int(hidden.shape[0]), "held_out_tokens": int(held.sum())}
