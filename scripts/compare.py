@@ -53,8 +53,6 @@ def run_rows(model: str, ckpt, rows: list[str], groups: int, fmt: str, calibrati
     trials = []
     for name in rows:
         trial = Trial(name, groups, None)
-        if fmt != "compact" and CANDIDATES[name].get("router_fit"):
-            continue  # a refitted router is compact by nature: its row is in the compact table
         opts = in_format(CANDIDATES[name], fmt)
         if isinstance(opts, str):
             trial.error = opts
@@ -105,7 +103,10 @@ def main() -> None:
     ap.add_argument("--formats", nargs="*", default=["mapped", "compact"])
     ap.add_argument("--rows", nargs="*", default=ROWS, help="subset of: " + ", ".join(ROWS))
     ap.add_argument("--domain-ratio", type=float, default=0.625, help="share removed in the cross-domain block")
-    ap.add_argument("--domain-rows", nargs="*", default=["moemerge", "hc-smoe+fit", "frequency-prune", "reap"])
+    ap.add_argument("--domain-rows", nargs="*", default=["moemerge", "hc-smoe+fit", "hc-smoe+fit+rfit@compact",
+                                                          "frequency-prune", "reap"],
+                    help="rows of the cross-domain block, each written mapped unless NAME@FORMAT says otherwise")
+    ap.add_argument("--json", default=None, help="also write every trial here (model, block, format, figures)")
     ap.add_argument("--no-domains", action="store_true", help="skip the cross-domain block")
     ap.add_argument("--n-sentences", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=256)
@@ -120,11 +121,12 @@ def main() -> None:
              f"windows × {args.seq_len} tokens, one cached pass per model and text. Scored on held-out text never "
              f"used to calibrate (`bundled:validation`, first {args.ppl_windows} windows): ppl ratio = merged / "
              "original perplexity, KL = KL(original ‖ merged) in nats per token, top-1 = share of tokens with the same "
-             "most likely next token. Each recipe is written in the format named (pruning and router refit are "
-             "compact by nature); parameters are those of the checkpoint that format writes, as a share of the "
+             "most likely next token. Each recipe is written in the format named (pruning is compact by "
+             "nature); parameters are those of the checkpoint that format writes, as a share of the "
              "original's. Time: the streamed walk on 2 shared CPU cores (the first row of a model also calibrates).",
              ""]
     work = Path(tempfile.mkdtemp(prefix="moemerge-compare-"))
+    record: list[dict] = []
     for model in args.models:
         ckpt = open_checkpoint(model)
         cfg = ckpt.config
@@ -139,14 +141,15 @@ def main() -> None:
             for fmt in args.formats:
                 print(f"[{Path(model).name} −{ratio:.1%} {fmt}]", flush=True)
                 trials = run_rows(model, ckpt, args.rows, groups, fmt, "bundled", held, args)
+                record += [{"model": Path(model).name, "block": f"{ratio}", **t.to_json()} for t in trials]
                 lines += [f"### −{ratio:.1%} ({groups} of {num_experts} experts per layer), {fmt}", "",
                           *table(trials), "", summary(trials), ""]
         if args.no_domains:
             continue
         groups = max(top_k, num_experts - round(num_experts * args.domain_ratio))
         train, valid = domain_files("train", work), domain_files("validation", work)
-        lines += [f"### Calibrated on one domain, scored on the others (−{args.domain_ratio:.1%}, mapped; "
-                  "pruning compact)", "",
+        lines += [f"### Calibrated on one domain, scored on the others (−{args.domain_ratio:.1%}, mapped unless "
+                  "the row says @compact; pruning compact)", "",
                   "| calibrated on | scored on | " + " | ".join(args.domain_rows) + " |",
                   "|---|---|" + "---|" * len(args.domain_rows)]
         for cal_domain, cal_file in train.items():
@@ -155,7 +158,12 @@ def main() -> None:
                     continue
                 held_d = eval_texts(ckpt.tokenizer, [str(eval_file)], args.seq_len, args.ppl_windows)[0].windows
                 print(f"[{Path(model).name} calibrated on {cal_domain}, scored on {eval_domain}]", flush=True)
-                trials = run_rows(model, ckpt, args.domain_rows, groups, "mapped", str(cal_file), held_d, args)
+                trials = []
+                for row in args.domain_rows:
+                    name, _, fmt = row.partition("@")
+                    trials += run_rows(model, ckpt, [name], groups, fmt or "mapped", str(cal_file), held_d, args)
+                record += [{"model": Path(model).name, "block": f"{cal_domain}->{eval_domain}", **t.to_json()}
+                           for t in trials]
                 cells = [f"×{t.ppl_ratio:.3f}" if t.error is None else "failed" for t in trials]
                 lines.append(f"| {cal_domain} | {eval_domain} | " + " | ".join(cells) + " |")
         lines.append("")
@@ -163,6 +171,8 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
     print(f"wrote {out}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(record, indent=1, default=str))
 
 
 if __name__ == "__main__":

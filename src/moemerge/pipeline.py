@@ -58,7 +58,7 @@ class MergeResult:
     lm_eval_before: object | None = None  # evaluate.lm_eval.LmEvalResult of the original
     lm_eval_after: object | None = None  # ... and of the merged model
     report_path: Path | None = None
-    router_fit: dict | None = None  # per-layer sample error before/after refitting the collapsed router
+    router_fit: dict | None = None  # per layer: router_refit.refit_layer's summary (objective before/after)
     layer_info: dict[int, dict] | None = None  # per-layer summary of the merge's plan-aware pass (fit: objectives)
 
     def summary(self) -> dict:
@@ -199,6 +199,8 @@ def merge_info(result: MergeResult, source_name: str, fp: str) -> dict:
         info["calibration"] = {k: v for k, v in result.stats.meta.items() if k != "versions"}
     if result.layer_info:  # merge: fit: per layer, train / held-out objectives (their gap), damping, choices
         info[result.recipe.merge] = {str(li): v for li, v in sorted(result.layer_info.items())}
+    if result.router_fit:  # router_fit: per layer, sample objective before/after on all and held-out tokens, rounds
+        info["router_fit"] = {str(li): v for li, v in sorted(result.router_fit.items())}
     info["parameters"] = {"before": result.parameters_before, "after": result.parameters_after}
     return info
 

@@ -53,7 +53,8 @@ CANDIDATES: dict[str, dict] = {
     "m-smoe+fit": {"preset": "m-smoe", "merge": "fit"},
     "sub-moe+fit": {"preset": "sub-moe", "merge": "fit"},
     "hc-smoe+fit+seq": {"preset": "hc-smoe", "merge": "fit", "sequential": True},
-    "hc-smoe+fit+rfit": {"preset": "hc-smoe", "merge": "fit", "router": "collapse", "router_fit": True},
+    "hc-smoe+fit+rfit": {"preset": "hc-smoe", "merge": "fit", "router_fit": True},
+    "moemerge+rfit": {"preset": "moemerge", "router_fit": True},
 }
 
 #: ``--format`` -> the ``router`` a merge candidate is written with
@@ -91,13 +92,14 @@ class Trial:
 def in_format(options: dict, fmt: str) -> dict | str:
     """A candidate's options written in ``--format fmt``, or why it cannot be.
 
-    Pruning drops experts and their router rows, and a refitted router is a collapsed one: both are compact under
-    every format. Sub-MoE†'s low-rank factors are a variant of mapped. Everything else takes the asked format.
+    Pruning drops experts and their router rows: compact under every format. A router refit is compact or mapped
+    (compact under ``padded``). Sub-MoE†'s low-rank factors are a variant of mapped. Everything else takes the asked
+    format.
     """
     from .methods import PRESETS
 
     merged = {**(PRESETS.get(options["preset"]) if options.get("preset") else {}), **options}
-    if merged.get("prune", "no") != "no" or merged.get("router_fit"):
+    if merged.get("prune", "no") != "no" or (merged.get("router_fit") and fmt == "padded"):
         return {**options, "router": "collapse"}
     if merged.get("router") == "lowrank":
         return options if fmt == "mapped" else "low-rank factors are written by --format mapped only"

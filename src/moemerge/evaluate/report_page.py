@@ -50,6 +50,24 @@ def _fit_section(layer_info: dict | None) -> list[str]:
                     rows), ""]
 
 
+def _router_fit_section(router_fit: dict | None) -> list[str]:
+    """``router_fit``'s per-layer sample objective (eq. 1 of ``save/router_refit.py``) before and after, on all the
+    sample's tokens and on its held-out windows, and the rounds kept."""
+    if not router_fit:
+        return []
+
+    def num(v: float | None) -> str:
+        return "-" if v is None else f"{v:.4g}"
+
+    rows = [(li, num(v["before"]), num(v["after"]), num(v.get("held_out_before")), num(v.get("held_out_after")),
+             f"{v.get('rounds_kept', 0)} of {v.get('rounds', 0)}")
+            for li, v in sorted(router_fit.items(), key=lambda kv: int(kv[0]))]
+    return ["## Router and expert refit", "",
+            "Mean squared error of the written block's routed output against the original's on the refit sample "
+            "(all tokens, and the held-out windows that chose damping and when to stop).", "",
+            *_table(("layer", "before", "after", "held out, before", "held out, after", "rounds kept"), rows), ""]
+
+
 def write_report(result, out_dir: str | Path, title: str | None = None) -> Path:
     """Write ``report.md`` (+ ``report_images/*.png``) for a :class:`moemerge.pipeline.MergeResult`."""
     out = Path(out_dir)
@@ -108,6 +126,7 @@ def write_report(result, out_dir: str | Path, title: str | None = None) -> Path:
             lines.append("")
 
     lines += _fit_section(getattr(result, "layer_info", None))
+    lines += _router_fit_section(getattr(result, "router_fit", None))
 
     lm_before, lm_after = getattr(result, "lm_eval_before", None), getattr(result, "lm_eval_after", None)
     if lm_before or lm_after:

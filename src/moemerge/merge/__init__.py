@@ -121,9 +121,12 @@ def check_options(recipe: Any) -> None:
     for name in ("ingredient", "data_limit"):
         if name in given and getattr(recipe, name) is not None and not method.neuron_matching:
             raise ValueError(f"{name} only applies to merge={' or '.join(matching)} (merge is {merge!r})")
-    for name in ("fit_scope", "fit_held_out"):
-        if name in given and merge != "fit":
-            raise ValueError(f"{name} only applies to merge=fit (merge is {merge!r})")
+    if "fit_scope" in given and merge != "fit":
+        raise ValueError(f"fit_scope only applies to merge=fit (merge is {merge!r})")
+    if "fit_held_out" in given and merge != "fit" and not recipe.router_fit:
+        raise ValueError(f"fit_held_out only applies to merge=fit or router_fit (merge is {merge!r})")
+    if "router_fit_rounds" in given and not recipe.router_fit:
+        raise ValueError("router_fit_rounds only applies with router_fit")
 
 
 def frequency_weights(frequency: torch.Tensor) -> torch.Tensor:
