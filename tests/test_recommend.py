@@ -96,3 +96,14 @@ def test_a_trial_recipe_reproduces_its_reported_figure(model_dirs, text_file, tm
     _, held = held_out_windows(reloaded.tokenizer, reloaded.model.config, base)
     assert abs(perplexity(reloaded.model, held, progress=False) / trial.ppl - 1) < 1e-4
     assert sum(p.numel() for p in reloaded.model.parameters()) == trial.parameters
+
+
+def test_candidates_are_written_in_the_format_that_realises_their_size():
+    from moemerge.recommend import CANDIDATES, in_format
+
+    refit = CANDIDATES["hc-smoe+fit+rfit"]
+    assert in_format(refit, "mapped")["router"] == "mapped"  # the refit follows the format it can be written in
+    assert in_format(refit, "compact")["router"] == "collapse"
+    assert in_format(refit, "padded")["router"] == "collapse"  # padded has no refit: compact
+    assert all(in_format(CANDIDATES["reap"], f)["router"] == "collapse" for f in ("mapped", "compact", "padded"))
+    assert isinstance(in_format(CANDIDATES["sub-moe-dagger"], "compact"), str)

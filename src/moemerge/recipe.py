@@ -117,8 +117,8 @@ class Recipe(BaseModel):
                                     "slots share merged experts (exact); collapse = one expert and row per group.")
     router_adapt: str = Field("fit", description="How a collapsed router row is made from its group's rows (fit: "
                                                  "least squares to the members' log-sum-exp; measured best).")
-    router_fit: bool = Field(False, description="Refit collapsed router rows, then the merged experts' down "
-                                                "projections under them, on calibration tokens.")
+    router_fit: bool = Field(False, description="Refit the router (collapse/compact or mapped), then the merged "
+                                                "experts' down projections under it, on calibration tokens.")
     router_fit_rounds: int = Field(3, ge=0, le=20, description="router_fit: expert/router rounds after the first "
                                                                "router fit, stopped early by held-out windows "
                                                                "(0: router only).")

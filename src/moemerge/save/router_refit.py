@@ -107,7 +107,13 @@ def routed_output(rows: torch.Tensor, hidden: torch.Tensor, expert_out: torch.Te
     """``Σ_{g∈topk} w_g(x) M_g(x)`` for router ``rows [G, H]``, hidden ``[T, H]``, expert outputs ``[G, T, H]``,
     routed by the family's ``routing`` with score-correction ``bias [G]`` (if any)."""
     weights, index = routing(hidden @ rows.T, bias)
-    picked = expert_out.permute(1, 0, 2)[torch.arange(hidden.shape[0])[:, None], index]  # [T, k, H]
+    return routed_from(weights, index, expert_out)
+
+
+def routed_from(weights: torch.Tensor, index: torch.Tensor, expert_out: torch.Tensor) -> torch.Tensor:
+    """``Σ_k weights[:, k]·expert_out[index[:, k]]`` ``[T, H]`` for a fixed routing (slots that share an expert add
+    up)."""
+    picked = expert_out.permute(1, 0, 2)[torch.arange(index.shape[0])[:, None], index]  # [T, k, H]
     return (weights[..., None] * picked).sum(1)
 
 
@@ -210,12 +216,6 @@ def refit_downs(layer: MoeLayer, hidden: torch.Tensor, target: torch.Tensor, hel
             hidden, layer.expert_weights()[0][g:g + 1].float(), layer.experts.act_fn)[0], down[g].float())
         changed += 1
     return changed
-
-
-def routed_from(weights: torch.Tensor, index: torch.Tensor, expert_out: torch.Tensor) -> torch.Tensor:
-    """``Σ_k weights[:, k]·expert_out[index[:, k]]`` ``[T, H]`` for a fixed routing."""
-    picked = expert_out.permute(1, 0, 2)[torch.arange(index.shape[0])[:, None], index]  # [T, k, H]
-    return (weights[..., None] * picked).sum(1)
 
 
 def _mse(pred: torch.Tensor, target: torch.Tensor, rows: torch.Tensor | None = None) -> float:
