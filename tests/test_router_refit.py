@@ -12,7 +12,16 @@ import moemerge
 from moemerge.families import moe_layers
 from moemerge.loading import LoadedModel, fingerprint
 from moemerge.pipeline import merge_model
-from moemerge.save.router_refit import RoutedOutputSample, refit_downs, refit_layer, ridge_steps, routed_from
+from moemerge.save.router_refit import (
+    REFIT_BYTES,
+    RoutedOutputSample,
+    refit_downs,
+    refit_layer,
+    ridge_steps,
+    routed_from,
+    routed_target,
+    sample_tokens,
+)
 
 from conftest import make_model
 
@@ -110,3 +119,20 @@ def test_refit_never_ends_worse_and_stops_on_held_out(family, fmt, tokenizer, te
 def test_router_fit_is_refused_for_formats_without_a_per_expert_router():
     with pytest.raises(ValueError, match="router_fit"):
         moemerge.Recipe(router="padded", router_fit=True)
+
+
+def test_routed_target_runs_each_expert_on_its_tokens_only():
+    model = make_model("qwen2_moe", seed=4)
+    layer = moe_layers(model)[0]
+    hidden = torch.randn(50, model.config.hidden_size)
+    with torch.no_grad():
+        weights, index = _routing(layer, hidden, model.config)
+        dense = torch.zeros(layer.num_experts, 50).scatter_(0, index.T, weights.T)  # [E, T]
+        full = routed_from(weights, index, layer.run_experts(hidden))
+        assert torch.allclose(routed_target(layer, hidden, dense), full, atol=1e-5)
+
+
+def test_sample_size_is_cut_for_many_wide_experts():
+    assert sample_tokens(4096, 8, 128) == 4096  # the bundled models: the whole cap
+    cut = sample_tokens(4096, 256, 7168)  # DeepSeek-V3's experts: 2·G·T·H fp32 within the budget
+    assert 256 <= cut < 4096 and 8 * 256 * 7168 * cut <= REFIT_BYTES

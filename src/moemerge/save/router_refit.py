@@ -34,23 +34,57 @@ error is not taken), and after every round the held-out (1) decides: a round tha
 (``router_adapt`` rows, merged experts) is kept unless the fit lowers the sample objective on all its tokens and on
 the held-out ones, so the refit never ends worse on either.
 
-Memory: ``max_tokens`` sampled hidden states and targets per layer (``2·max_tokens·H`` fp32), taken by the executor
-from the layer's calibration inputs before its experts are replaced, the merged experts' outputs on them
-(``G·max_tokens·H``), one expert's ``[t, I]`` activations and one ``min(t, I)²`` Gram matrix at a time.
+Memory: ``T`` sampled hidden states and targets per layer (``2·T·H`` fp32; ``T`` = :data:`MAX_TOKENS`, fewer where
+the experts' outputs would pass :data:`REFIT_BYTES`: :func:`sample_tokens`), taken by the executor from the layer's
+calibration inputs before its experts are replaced, the merged experts' outputs on them and their fitted part
+(``≈ 2·G·T·H``), one expert's ``[t, I]`` activations and one ``min(t, I)²`` eigendecomposition at a time.
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 
 from ..errors import MoemergeError
 from ..families import MoeLayer, Routing, expert_intermediate
 
+LOG = logging.getLogger(__name__)
+
 MAX_TOKENS = 4096
+#: Budget of the merged experts' outputs on the sample and their fitted part (``≈ 2·G·T·H`` fp32): a layer with many
+#: or wide experts samples fewer tokens (DeepSeek-V3's 256 × 7168 would otherwise need ~30 GiB at 4096 tokens).
+REFIT_BYTES = 4 * 2**30
 #: A round must lower the held-out objective by this share to count (else the refit stops and undoes it).
 MIN_GAIN = 1e-3
 #: ``router_fit_rounds`` default: expert/router rounds after the first router fit.
 ROUNDS = 3
+
+
+def sample_tokens(max_tokens: int, num_experts: int, hidden_size: int, budget: int | None = None) -> int:
+    """Sample size for a layer of ``num_experts`` (an upper bound on the merged count) of width ``hidden_size``:
+    ``max_tokens``, or fewer so that ``2·G·T·H`` fp32 stay within ``budget`` (:data:`REFIT_BYTES`), at least 256;
+    logs when it cuts."""
+    budget = REFIT_BYTES if budget is None else budget
+    fits = max(256, budget // (8 * max(1, num_experts) * max(1, hidden_size)))
+    if fits < max_tokens:
+        LOG.warning("router_fit: %d experts of width %d: refit sample cut to %d tokens (memory budget %.1f GiB)",
+                    num_experts, hidden_size, fits, budget / 2**30)
+    return min(max_tokens, fits)
+
+
+@torch.no_grad()
+def routed_target(layer: MoeLayer, hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``y(x) = Σ_e w_e(x) E_e(x)`` ``[T, H]`` (fp32) for routed weights ``[E, T]`` (zero where not routed), each
+    expert run on its own tokens only (memory ``[t_e, H]``, not ``[E, T, H]``)."""
+    gate_up, down = layer.expert_weights()
+    out = torch.zeros(hidden.shape[0], down.shape[1], dtype=torch.float32, device=hidden.device)
+    for e in range(weights.shape[0]):
+        tokens = weights[e].nonzero().squeeze(1)
+        if tokens.numel():
+            h = expert_intermediate(hidden[tokens].float(), gate_up[e:e + 1].float(), layer.experts.act_fn)[0]
+            out.index_add_(0, tokens, weights[e, tokens, None].float() * (h @ down[e].float().T))
+    return out
 
 
 class RoutedOutputSample:
@@ -58,7 +92,9 @@ class RoutedOutputSample:
     accumulator); tokens are held out by window (:func:`~moemerge.merge.fit.held_out_tokens`)."""
 
     def __init__(self, layer: MoeLayer, max_tokens: int = MAX_TOKENS, held_out: float = 0.0) -> None:
-        self.layer, self.max_tokens, self.held_out = layer, max_tokens, held_out
+        self.layer, self.held_out = layer, held_out
+        _, down = layer.expert_weights()
+        self.max_tokens = sample_tokens(max_tokens, int(down.shape[0]), int(down.shape[1]))
         self.hidden: list[torch.Tensor] = []
         self.target: list[torch.Tensor] = []
         self.held: list[torch.Tensor] = []
@@ -90,10 +126,8 @@ class RoutedOutputSample:
             return
         held = held_out_tokens(self._windows, batch.num_tokens, self.held_out)[:room]
         x = batch.hidden[:room]
-        out = self.layer.run_experts(x)  # [E, t, H]
-        w = batch.routed_weights()[:, :room]  # [E, t]
         self.hidden.append(x.cpu())
-        self.target.append(torch.einsum("et,eth->th", w, out).cpu())
+        self.target.append(routed_target(self.layer, x, batch.routed_weights()[:, :room]).cpu())
         self.held.append(held.cpu())
         self.count += int(x.shape[0])
 
@@ -103,11 +137,12 @@ class RoutedOutputSample:
 
 
 def routed_output(rows: torch.Tensor, hidden: torch.Tensor, expert_out: torch.Tensor, routing: Routing,
-                  bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``Σ_{g∈topk} w_g(x) M_g(x)`` for router ``rows [G, H]``, hidden ``[T, H]``, expert outputs ``[G, T, H]``,
-    routed by the family's ``routing`` with score-correction ``bias [G]`` (if any)."""
+                  bias: torch.Tensor | None = None, slots: torch.Tensor | None = None) -> torch.Tensor:
+    """``Σ_{g∈topk} w_g(x) M_g(x)`` for router ``rows [N, H]``, hidden ``[T, H]``, expert outputs ``[G, T, H]``,
+    routed by the family's ``routing`` with score-correction ``bias [N]`` (if any); router row ``e`` feeds merged
+    expert ``slots[e]`` (mapped; None: row ``g`` is expert ``g``)."""
     weights, index = routing(hidden @ rows.T, bias)
-    return routed_from(weights, index, expert_out)
+    return routed_from(weights, index if slots is None else slots[index], expert_out)
 
 
 def routed_from(weights: torch.Tensor, index: torch.Tensor, expert_out: torch.Tensor) -> torch.Tensor:
@@ -118,12 +153,12 @@ def routed_from(weights: torch.Tensor, index: torch.Tensor, expert_out: torch.Te
 
 
 def refit_rows(rows: torch.Tensor, hidden: torch.Tensor, expert_out: torch.Tensor, target: torch.Tensor,
-               routing: Routing, bias: torch.Tensor | None = None, steps: int = 100, lr: float = 1e-2
-               ) -> tuple[torch.Tensor, float, float]:
+               routing: Routing, bias: torch.Tensor | None = None, steps: int = 100, lr: float = 1e-2,
+               slots: torch.Tensor | None = None) -> tuple[torch.Tensor, float, float]:
     """Adam on the router rows (the bias stays); returns ``(best rows, loss before, loss after)`` (MSE on the
     sample)."""
     def loss_of(r: torch.Tensor) -> torch.Tensor:
-        return (routed_output(r, hidden, expert_out, routing, bias) - target).pow(2).sum(-1).mean()
+        return (routed_output(r, hidden, expert_out, routing, bias, slots) - target).pow(2).sum(-1).mean()
 
     start = rows.detach().float().clone()
     r = start.clone().requires_grad_(True)
@@ -254,12 +289,12 @@ def refit_layer(layer: MoeLayer, sample: tuple[torch.Tensor, ...], config, steps
     damps = DAMP_GRID if judged else (DAMP,)
 
     def objective(rows: torch.Tensor, out: torch.Tensor, part: torch.Tensor | None) -> float:
-        return _mse(routed_output(rows, hidden, out[slots], routing, bias), target, part)
+        return _mse(routed_output(rows, hidden, out, routing, bias, slots), target, part)
 
     def router_step(rows: torch.Tensor) -> torch.Tensor:
         with torch.enable_grad():
-            new, _, _ = refit_rows(rows, hidden[train], expert_out[slots][:, train], target[train], routing, bias,
-                                   steps)
+            new, _, _ = refit_rows(rows, hidden[train], expert_out[:, train], target[train], routing, bias, steps,
+                                   slots=slots)
         return new
 
     rows = weight.data.float().clone()
