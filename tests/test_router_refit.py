@@ -136,3 +136,20 @@ def test_sample_size_is_cut_for_many_wide_experts():
     assert sample_tokens(4096, 8, 128) == 4096  # the bundled models: the whole cap
     cut = sample_tokens(4096, 256, 7168)  # DeepSeek-V3's experts: 2·G·T·H fp32 within the budget
     assert 256 <= cut < 4096 and 8 * 256 * 7168 * cut <= REFIT_BYTES
+
+
+def test_a_given_plan_collects_what_the_router_needs(tokenizer):
+    """A walk with a fixed plan (``Job.plan``) gathers the router inputs that ``router_adapt: fit`` and the refit
+    use (it used to ask only for the merge's statistics and fail at the first collapsed layer)."""
+    from moemerge.execute.executor import Job, execute
+    from moemerge.execute.source import ModelSource
+    from moemerge.group.plan import LayerPlan, MergePlan
+
+    model = make_model("mixtral", vocab_size=len(tokenizer))
+    plan = MergePlan({l.index: LayerPlan(l.index, 8, [[0, 1], [2, 3], [4, 5], [6, 7]], [0, 2, 4, 6])
+                      for l in moe_layers(model)})
+    recipe = moemerge.Recipe.build(merge="fit", router="collapse", router_fit=True, train_batch_size=2, cache=False)
+    windows = torch.randint(0, len(tokenizer), (8, 16))
+    out = execute(ModelSource(model), recipe, Job(windows=windows, plan=plan, progress=False))
+    assert set(out.router_fit) == set(plan.layers)
+    assert all(layer.num_experts == 4 for layer in moe_layers(model))

@@ -187,7 +187,7 @@ class _Walk:
             names = list(job.statistics)
         elif job.plan is not None:
             self.targets = [li for li, p in sorted(job.plan.layers.items()) if not p.is_identity]
-            names = ["frequency", *self.method.statistics(recipe)]
+            names = ["frequency", *self.method.statistics(recipe), *router_statistics(recipe.router, self.adapt)]
         elif self.merging:
             names = needed_statistics(recipe) + list(self.method.statistics(recipe))
             names += router_statistics(recipe.router, self.adapt)
