@@ -1,17 +1,19 @@
-"""``router_fit: true`` (with ``router: collapse``): refit the collapsed router, and the merged experts under it.
+"""``router_fit: true`` (``router: collapse`` or ``mapped``): refit the router, and the merged experts under it.
 
 A collapsed router has one row per group, so a token's group probabilities are no longer the sums of its members',
 and a token whose top-k originals fell into one group now also gets a second merged expert. The rows made by
 ``router_adapt`` only look at routing, and ``merge: fit`` fits each merged expert to its group's routed output
-under the *original* routing (the ``keep``/``mapped`` one). Here both are refitted for what the written compact
-block really computes, on a sample of calibration hidden states ``x`` at the layer:
+under the *original* routing (the ``keep``/``mapped`` one). Here both are refitted for what the written block
+really computes, on a sample of calibration hidden states ``x`` at the layer:
 
     (1)  L(R, W) = mean_x ‖ Σ_{g ∈ topk(R x)} w_g(x) W_g h_g(x) − y(x) ‖²,
 
-``R [G, H]`` the collapsed router, ``W_g`` merged expert ``g``'s down projection, ``h_g(x) = act(G_g x) ⊙ (U_g x)``
-its intermediate activation, ``w_g`` the family's own routing weights (:class:`~moemerge.families.Routing`: softmax
-or sigmoid scores, the collapsed score-correction bias, group-limited choice, renormalisation and scaling), and
-``y(x) = Σ_{e ∈ topk} w_e(x) E_e(x)`` the original routed output. Block-coordinate descent, in rounds:
+``R`` the router (collapsed: ``[G, H]``; mapped: its ``N`` rows, slot ``e`` feeding merged expert ``expert_map[e]``,
+so slots of one expert add their weights), ``W_g`` merged expert ``g``'s down projection,
+``h_g(x) = act(G_g x) ⊙ (U_g x)`` its intermediate activation, ``w_g`` the family's own routing weights
+(:class:`~moemerge.families.Routing`: softmax or sigmoid scores, the collapsed score-correction bias, group-limited
+choice, renormalisation and scaling), and ``y(x) = Σ_{e ∈ topk} w_e(x) E_e(x)`` the original routed output.
+Block-coordinate descent, in rounds:
 
 * **router** (:func:`refit_rows`): Adam on ``R`` with the experts fixed. The top-k selection is piecewise constant;
   the gradient flows through the selected weights (the usual straight-through treatment of top-k routers);
@@ -48,6 +50,7 @@ import torch
 
 from ..errors import MoemergeError
 from ..families import MoeLayer, Routing, expert_intermediate
+from ..merge.fit import DAMP, DAMP_GRID, held_out_tokens
 
 LOG = logging.getLogger(__name__)
 
@@ -119,8 +122,6 @@ class RoutedOutputSample:
 
     @torch.no_grad()
     def update(self, batch) -> None:
-        from ..merge.fit import held_out_tokens
-
         room = self.max_tokens - self.count
         if room <= 0:
             return
@@ -217,8 +218,9 @@ def refit_downs(layer: MoeLayer, hidden: torch.Tensor, target: torch.Tensor, hel
                 weights: torch.Tensor, index: torch.Tensor, expert_out: torch.Tensor, damps) -> int:
     """One Gauss-Seidel sweep of eq. 2 over the merged experts of ``layer`` (in place) for the fixed routing
     ``(weights, index) [T, k]``; ``expert_out [G, T, H]`` (fp32, the experts' outputs on ``hidden``) is kept up to
-    date. An expert's step is taken with the ``damp`` of lowest held-out error (fixed at the first of ``damps``
-    without held-out tokens), and only if it lowers that error. Returns how many experts changed."""
+    date. An expert's step is taken with the ``damp`` of ``damps`` of lowest held-out error, and only if it lowers
+    that error; an expert no held-out token chose takes :data:`~moemerge.merge.fit.DAMP`. Returns how many experts
+    changed."""
     _, down = layer.expert_weights()
     pred = routed_from(weights, index, expert_out)
     changed = 0
@@ -232,7 +234,7 @@ def refit_downs(layer: MoeLayer, hidden: torch.Tensor, target: torch.Tensor, hel
         fit_rows, held_rows = ~held[tokens], held[tokens]
         if not bool(fit_rows.any()):
             continue
-        steps = ridge_steps(phi[fit_rows], resid[fit_rows], damps if bool(held_rows.any()) else damps[:1])
+        steps = ridge_steps(phi[fit_rows], resid[fit_rows], damps if bool(held_rows.any()) else (DAMP,))
         if not steps:
             continue
         if bool(held_rows.any()):
@@ -266,8 +268,6 @@ def refit_layer(layer: MoeLayer, sample: tuple[torch.Tensor, ...], config, steps
     ``(hidden, target[, held])`` (see the module docstring). Returns the sample objective (1) before and after
     (``before``/``after``, all tokens; ``held_out_before``/``held_out_after`` on the held-out tokens, None without
     them), the rounds run and kept, and the sample's token counts."""
-    from ..merge.fit import DAMP, DAMP_GRID
-
     weight = layer.router_weight
     hidden, target = (t.detach().to(weight.device).float() for t in sample[:2])
     held = sample[2].to(weight.device) if len(sample) > 2 else torch.zeros(hidden.shape[0], dtype=torch.bool)
