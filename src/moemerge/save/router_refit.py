@@ -15,8 +15,10 @@ so slots of one expert add their weights), ``W_g`` merged expert ``g``'s down pr
 choice, renormalisation and scaling), and ``y(x) = Σ_{e ∈ topk} w_e(x) E_e(x)`` the original routed output.
 Block-coordinate descent, in rounds:
 
-* **router** (:func:`refit_rows`): Adam on ``R`` with the experts fixed. The top-k selection is piecewise constant;
-  the gradient flows through the selected weights (the usual straight-through treatment of top-k routers);
+* **router** (:func:`refit_rows`): Adam on ``R`` with the experts fixed (100 steps the first time, a third of that
+  in later rounds, which start from fitted rows: measured the same to three decimals, ~30 % less time). The top-k
+  selection is piecewise constant; the gradient flows through the selected weights (the usual straight-through
+  treatment of top-k routers);
 * **experts** (:func:`refit_downs`): with the routing fixed, (1) is quadratic in each ``W_g``. One expert at a time
   (Gauss-Seidel), with the others' current outputs subtracted from the target, its ridge solution towards its
   current value (``Φ`` the rows ``w_g(x) h_g(x)`` of the tokens that chose ``g``, ``E`` their residual)
@@ -291,9 +293,9 @@ def refit_layer(layer: MoeLayer, sample: tuple[torch.Tensor, ...], config, steps
     def objective(rows: torch.Tensor, out: torch.Tensor, part: torch.Tensor | None) -> float:
         return _mse(routed_output(rows, hidden, out, routing, bias, slots), target, part)
 
-    def router_step(rows: torch.Tensor) -> torch.Tensor:
+    def router_step(rows: torch.Tensor, n: int = steps) -> torch.Tensor:
         with torch.enable_grad():
-            new, _, _ = refit_rows(rows, hidden[train], expert_out[:, train], target[train], routing, bias, steps,
+            new, _, _ = refit_rows(rows, hidden[train], expert_out[:, train], target[train], routing, bias, n,
                                    slots=slots)
         return new
 
@@ -310,7 +312,7 @@ def refit_layer(layer: MoeLayer, sample: tuple[torch.Tensor, ...], config, steps
         weights, index = routing(hidden @ rows.T, bias)
         index = slots[index]  # slots of one merged expert add their weights (mapped)
         refit_downs(layer, hidden, target, held, weights, index, expert_out, damps)
-        rows = router_step(rows)
+        rows = router_step(rows, max(1, steps // 3))  # from fitted rows: a third of the steps does
         if judged:
             current = objective(rows, expert_out, held)
             if not current < best_held * (1 - MIN_GAIN):
