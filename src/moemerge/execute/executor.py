@@ -247,9 +247,13 @@ class _Walk:
                         start(ids)
         with observer.attached(), torch.no_grad():
             outputs = stream.through(layer, index, until, before)
-        for acc in observer.accumulators.get(index, []):
-            acc.reduce(self.job.ranks)  # a distributed job: combine the ranks' shares once the layer is through
+        self._reduce(observer.accumulators.get(index, []))  # the ranks' shares, once the layer is through
         return outputs, (observer.results().get(index, {}) if accumulators is None else {})
+
+    def _reduce(self, accumulators: list) -> None:
+        """A distributed job: combine each accumulator's shares over the ranks (nothing on one process)."""
+        for acc in accumulators:
+            acc.reduce(self.job.ranks)
 
     def _last_needed(self) -> int:
         """Last decoder layer the walk must build."""
@@ -427,11 +431,7 @@ class _Walk:
                 self._observe(layer, view, calib, i, accumulators=accumulators, until=until)
 
         if self.method.layer_pass is not None:
-            def reduce(accumulators: list) -> None:
-                for acc in accumulators:
-                    acc.reduce(self.job.ranks)
-
-            entries = self.method.layer_pass(LayerPass(view, layer_plan, self.stats, recipe, run, reduce))
+            entries = self.method.layer_pass(LayerPass(view, layer_plan, self.stats, recipe, run, self._reduce))
             info = entries.pop("info", None)  # a small JSON-able summary (fit: train / held-out objectives)
             if info is not None:
                 self.out.layer_info[i] = info

@@ -220,14 +220,11 @@ class GroupFitAccumulator(Statistic):
         """The executor's indices of the windows in the next batch (for the held-out split)."""
         self._windows = window_ids
 
-    def _held_tokens(self, num_tokens: int, device: torch.device) -> torch.Tensor:
-        return held_out_tokens(self._windows, num_tokens, self.held_out, device)
-
     @torch.no_grad()
     def update(self, batch: LayerBatch) -> None:
         weights = batch.routed_weights()  # [E, T]
         mask = batch.routed_mask()  # [E, T]
-        held = self._held_tokens(batch.num_tokens, weights.device)
+        held = held_out_tokens(self._windows, batch.num_tokens, self.held_out, weights.device)
         gate_up, down = self.layer.expert_weights()
         act = self.layer.experts.act_fn
         for gi, (members, start) in enumerate(zip(self.groups, self.starts)):

@@ -205,14 +205,15 @@ def ridge_steps(phi: torch.Tensor, resid: torch.Tensor, damps) -> dict[float, to
 
 
 def _expert_parts(layer: MoeLayer, hidden: torch.Tensor, weights: torch.Tensor, index: torch.Tensor, g: int
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(tokens [t], Φ [t, I])``: the tokens that chose expert ``g`` and their rows ``w_g(x) h_g(x)``."""
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(h [T, I], tokens [t], Φ [t, I])``: expert ``g``'s intermediate activations on every sample token (its
+    outputs there feed the router fit), the tokens that chose it and their rows ``w_g(x) h_g(x)``."""
+    gate_up, _ = layer.expert_weights()
+    h = expert_intermediate(hidden, gate_up[g:g + 1].float(), layer.experts.act_fn)[0]
     chose = index == g  # [T, k]
     tokens = chose.any(1).nonzero().squeeze(1)
     w = (weights * chose).sum(1)[tokens]
-    gate_up, _ = layer.expert_weights()
-    h = expert_intermediate(hidden[tokens], gate_up[g:g + 1].float(), layer.experts.act_fn)[0]
-    return tokens, h * w[:, None]
+    return h, tokens, h[tokens] * w[:, None]
 
 
 @torch.no_grad()
@@ -227,7 +228,7 @@ def refit_downs(layer: MoeLayer, hidden: torch.Tensor, target: torch.Tensor, hel
     pred = routed_from(weights, index, expert_out)
     changed = 0
     for g in range(down.shape[0]):
-        tokens, phi = _expert_parts(layer, hidden, weights, index, g)
+        h, tokens, phi = _expert_parts(layer, hidden, weights, index, g)
         if tokens.numel() == 0:
             continue
         w_old = down[g].double()
@@ -251,8 +252,7 @@ def refit_downs(layer: MoeLayer, hidden: torch.Tensor, target: torch.Tensor, hel
         down[g] = w_new.to(down.dtype)
         new_own = phi.double() @ down[g].double().T
         pred[tokens] += (new_own - own).to(pred.dtype)
-        expert_out[g] = torch.einsum("ti,hi->th", expert_intermediate(
-            hidden, layer.expert_weights()[0][g:g + 1].float(), layer.experts.act_fn)[0], down[g].float())
+        expert_out[g] = h @ down[g].float().T
         changed += 1
     return changed
 
@@ -272,7 +272,8 @@ def refit_layer(layer: MoeLayer, sample: tuple[torch.Tensor, ...], config, steps
     them), the rounds run and kept, and the sample's token counts."""
     weight = layer.router_weight
     hidden, target = (t.detach().to(weight.device).float() for t in sample[:2])
-    held = sample[2].to(weight.device) if len(sample) > 2 else torch.zeros(hidden.shape[0], dtype=torch.bool)
+    held = sample[2].to(weight.device) if len(sample) > 2 else \
+        torch.zeros(hidden.shape[0], dtype=torch.bool, device=weight.device)
     if not bool((~held).any()):
         held = torch.zeros_like(held)  # nothing left to fit on: fit on everything, judge nothing
     judged = bool(held.any())
