@@ -107,3 +107,19 @@ def test_candidates_are_written_in_the_format_that_realises_their_size():
     assert in_format(refit, "padded")["router"] == "collapse"  # padded has no refit: compact
     assert all(in_format(CANDIDATES["reap"], f)["router"] == "collapse" for f in ("mapped", "compact", "padded"))
     assert isinstance(in_format(CANDIDATES["sub-moe-dagger"], "compact"), str)
+
+
+def test_a_block_fit_too_slow_for_the_device_is_not_compared_unless_named(model_dirs, text_file, monkeypatch):
+    """Candidates with ``block_fit_steps`` whose estimated time is over the limit are listed with the reason, not
+    run; named in ``--candidates`` they run."""
+    import moemerge.recommend as rec
+
+    base = moemerge.Recipe.build(calibration=str(text_file), seq_len=32, n_sentences=8, num_average_groups=4,
+                                 dtype="float32", device="cpu")
+    monkeypatch.setattr(rec, "BLOCK_FIT_LIMIT_S", 0.0)
+    monkeypatch.setattr(rec, "CANDIDATES", {k: rec.CANDIDATES[k] for k in ("frequency-prune", "moemerge+bfit")})
+    trials, _ = rec.recommend(str(model_dirs["mixtral"]), base)
+    slow = next(t for t in trials if t.name == "moemerge+bfit")
+    assert slow.error.startswith("block fit would take about") and "--candidates" in slow.error
+    trials, winners = rec.recommend(str(model_dirs["mixtral"]), base, ["moemerge+bfit"])
+    assert trials[0].error is None and trials[0].trial_recipe.block_fit_steps == 300

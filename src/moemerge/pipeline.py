@@ -95,6 +95,22 @@ def calibration_settings(recipe: Recipe, config) -> CalibrationSettings:
                                recipe.seed, recipe.cache)
 
 
+#: ``block_fit_steps`` estimated to take longer than this (seconds, whole model) is announced before it starts
+BLOCK_FIT_WARN_S = 600
+
+
+def block_fit_time(recipe: Recipe, layers, top_k: int) -> float:
+    """Estimated seconds of the recipe's block fit over the MoE ``layers`` (views) on its device."""
+    from .save.router_refit import block_fit_seconds
+
+    return block_fit_seconds(recipe.block_fit_steps, layers, top_k, resolve_device(recipe.device),
+                             held_out=recipe.fit_held_out)
+
+
+def human_duration(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
+
+
 def validate_for_model(recipe: Recipe, source: LayerSource) -> None:
     """Checks that need the model's config but no weights: run them before any expensive step."""
     spec, config = source.family, source.config
@@ -124,6 +140,11 @@ def validate_for_model(recipe: Recipe, source: LayerSource) -> None:
     if recipe.router == "collapse" and recipe.start_layer > min(v.index for v in views):
         raise MoemergeError("router=collapse needs every MoE layer merged to one count; start_layer leaves "
                             "earlier layers with all experts (use --router keep)")
+    if recipe.router_fit and recipe.block_fit_steps:
+        seconds = block_fit_time(recipe, layers, top_k)
+        if seconds > BLOCK_FIT_WARN_S:
+            LOG.warning("block_fit_steps=%d: about %s of Adam steps on %s for %d MoE layers (a GPU makes it minutes)",
+                        recipe.block_fit_steps, human_duration(seconds), resolve_device(recipe.device), len(layers))
     if recipe.sequential:
         if FORMATS.get(recipe.router).padded:
             raise MoemergeError(f"sequential=true writes one layer at a time; router={recipe.router} pads layers "

@@ -122,6 +122,10 @@ class Recipe(BaseModel):
     router_fit_rounds: int = Field(3, ge=0, le=20, description="router_fit: expert/router rounds after the first "
                                                                "router fit, stopped early by held-out windows "
                                                                "(0: router only).")
+    block_fit_steps: int = Field(0, ge=0, le=100000, description="router_fit: then up to this many Adam steps on "
+                                                                 "the whole written block (router, merged experts' "
+                                                                 "gate/up and down), stopped by held-out windows "
+                                                                 "(0: off; costly at real sizes without a GPU).")
     overwrite: bool = Field(False, description="Replace output_path if it exists.")
     max_shard_size: str = Field("5GB", description="Largest output shard (e.g. 5GB, 500MB), as save_pretrained's.")
 

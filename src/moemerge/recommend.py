@@ -55,7 +55,12 @@ CANDIDATES: dict[str, dict] = {
     "hc-smoe+fit+seq": {"preset": "hc-smoe", "merge": "fit", "sequential": True},
     "hc-smoe+fit+rfit": {"preset": "hc-smoe", "merge": "fit", "router_fit": True},
     "moemerge+rfit": {"preset": "moemerge", "router_fit": True},
+    "hc-smoe+fit+bfit": {"preset": "hc-smoe", "merge": "fit", "router_fit": True, "block_fit_steps": 300},
+    "moemerge+bfit": {"preset": "moemerge", "router_fit": True, "block_fit_steps": 300},
 }
+
+#: candidates with ``block_fit_steps`` estimated to take longer than this (seconds) are left out unless named
+BLOCK_FIT_LIMIT_S = 900
 
 #: ``--format`` -> the ``router`` a merge candidate is written with
 FORMATS = {"mapped": "mapped", "compact": "collapse", "padded": "padded"}
@@ -203,7 +208,9 @@ def recommend(model_path: str, base: Recipe, names: list[str] | None = None, pro
             except MoemergeError as exc:
                 trial.error = str(exc)
                 continue
-            score_trial(ckpt, trial, held, progress)
+            # a block fit too slow for this device competes only when named (--candidates)
+            limit = None if names and name in names else BLOCK_FIT_LIMIT_S
+            score_trial(ckpt, trial, held, progress, block_fit_limit=limit)
     winners = {}
     for budget in budgets:
         ok = [t for t in trials if t.budget == budget and t.error is None and math.isfinite(t.ppl)]
@@ -215,14 +222,17 @@ def recommend(model_path: str, base: Recipe, names: list[str] | None = None, pro
     return trials, winners
 
 
-def score_trial(ckpt, trial: Trial, held: torch.Tensor, progress: bool = False) -> Trial:
+def score_trial(ckpt, trial: Trial, held: torch.Tensor, progress: bool = False,
+                block_fit_limit: float | None = None) -> Trial:
     """One streamed walk of ``trial.trial_recipe`` over checkpoint ``ckpt`` (nothing written), scored on the
     ``held`` windows through the original and the merged layers side by side: fills perplexity, its ratio, KL, top-1
-    agreement, the written format's parameter count and the time, or the one-line reason it failed."""
+    agreement, the written format's parameter count and the time, or the one-line reason it failed (also when its
+    block fit is estimated to take more than ``block_fit_limit`` seconds)."""
     from .execute.executor import execute
     from .execute.source import ShardSource
+    from .group import merged_layers
     from .loading import resolve_device, resolve_dtype
-    from .pipeline import job_for, validate_for_model
+    from .pipeline import block_fit_time, human_duration, job_for, validate_for_model
 
     recipe = trial.trial_recipe
     dtype = resolve_dtype(recipe.dtype)
@@ -231,6 +241,12 @@ def score_trial(ckpt, trial: Trial, held: torch.Tensor, progress: bool = False) 
                          config=ckpt.config)
     try:
         validate_for_model(recipe, source)
+        if block_fit_limit is not None and recipe.router_fit and recipe.block_fit_steps:
+            seconds = block_fit_time(recipe, merged_layers(source.moe_views(), recipe.start_layer),
+                                     source.family.top_k(source.config))
+            if seconds > block_fit_limit:
+                raise MoemergeError(f"block fit would take about {human_duration(seconds)} on "
+                                    f"{resolve_device(recipe.device)}; name it in --candidates to run it")
         job = job_for(recipe, ckpt.tokenizer, ckpt.config, ckpt.fingerprint, progress)
         job.eval_windows, job.fidelity = {"held-out": held}, True
         outcome = execute(source, recipe, job)

@@ -460,7 +460,8 @@ class _Walk:
             fmt.apply(view, layer_plan, merged, self.frequencies[i], self.adapt, inputs=inputs, **extra)
             if sample is not None and sample.count:
                 self.router_fit[i] = refit_layer(view, sample.result(), self.config,
-                                                 rounds=recipe.router_fit_rounds)
+                                                 rounds=recipe.router_fit_rounds,
+                                                 block_steps=recipe.block_fit_steps)
         return True, calib_out
 
     def _num_slots(self) -> int:
