@@ -103,7 +103,8 @@ def main() -> None:
     ap.add_argument("--formats", nargs="*", default=["mapped", "compact"])
     ap.add_argument("--rows", nargs="*", default=ROWS, help="subset of: " + ", ".join(ROWS))
     ap.add_argument("--domain-ratio", type=float, default=0.625, help="share removed in the cross-domain block")
-    ap.add_argument("--domain-rows", nargs="*", default=["moemerge", "hc-smoe+fit", "hc-smoe+fit+rfit@compact",
+    ap.add_argument("--domain-rows", nargs="*", default=["moemerge", "moemerge+bfit", "hc-smoe+fit",
+                                                          "hc-smoe+fit+rfit@compact", "hc-smoe+fit+bfit@compact",
                                                           "frequency-prune", "reap"],
                     help="rows of the cross-domain block, each written mapped unless NAME@FORMAT says otherwise")
     ap.add_argument("--json", default=None, help="also write every trial here (model, block, format, figures)")

@@ -236,3 +236,13 @@ def test_block_fit_cost_estimate_scales_with_the_shapes():
 def test_block_fit_needs_router_fit():
     with pytest.raises(ValueError, match="block_fit_steps only applies with router_fit"):
         moemerge.Recipe(merge="fit", router="collapse", block_fit_steps=10)
+
+
+def test_report_lists_the_block_fit_when_there_is_one():
+    from moemerge.evaluate.report_page import _router_fit_section
+
+    base = {"before": 2.0, "after": 1.0, "held_out_before": 2.5, "held_out_after": 1.5, "rounds": 2, "rounds_kept": 1}
+    assert "block fit" not in "\n".join(_router_fit_section({"0": base}))
+    text = "\n".join(_router_fit_section({"0": {**base, "block_steps": 120, "block_kept": True},
+                                         "1": {**base, "block_steps": 50, "block_kept": False}}))
+    assert "block fit" in text and "120 steps, kept" in text and "50 steps, not kept" in text

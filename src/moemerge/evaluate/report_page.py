@@ -59,13 +59,19 @@ def _router_fit_section(router_fit: dict | None) -> list[str]:
     def num(v: float | None) -> str:
         return "-" if v is None else f"{v:.4g}"
 
+    block = any("block_kept" in v for v in router_fit.values())  # block_fit_steps: one more column
     rows = [(li, num(v["before"]), num(v["after"]), num(v.get("held_out_before")), num(v.get("held_out_after")),
-             f"{v.get('rounds_kept', 0)} of {v.get('rounds', 0)}")
+             f"{v.get('rounds_kept', 0)} of {v.get('rounds', 0)}",
+             *([f"{v.get('block_steps', 0)} steps, " + ("kept" if v.get("block_kept") else "not kept")]
+               if block else []))
             for li, v in sorted(router_fit.items(), key=lambda kv: int(kv[0]))]
+    head = ("layer", "before", "after", "held out, before", "held out, after", "rounds kept",
+            *(["block fit"] if block else []))
     return ["## Router and expert refit", "",
             "Mean squared error of the written block's routed output against the original's on the refit sample "
-            "(all tokens, and the held-out windows that chose damping and when to stop).", "",
-            *_table(("layer", "before", "after", "held out, before", "held out, after", "rounds kept"), rows), ""]
+            "(all tokens, and the held-out windows that chose damping and when to stop)"
+            + ("; the block fit's Adam steps and whether the held-out windows kept it." if block else "."), "",
+            *_table(head, rows), ""]
 
 
 def write_report(result, out_dir: str | Path, title: str | None = None) -> Path:
