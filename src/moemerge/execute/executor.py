@@ -462,7 +462,18 @@ class _Walk:
                 self.router_fit[i] = refit_layer(view, sample.result(), self.config,
                                                  rounds=recipe.router_fit_rounds,
                                                  block_steps=recipe.block_fit_steps)
+                if self.job.ranks.distributed:
+                    self._same_refit_on_every_rank(view, i)
         return True, calib_out
+
+    def _same_refit_on_every_rank(self, view, i: int) -> None:
+        """Every rank refitted the same sample, but GPU kernels with atomic adds (index_add's backward) need not
+        give the same bits everywhere: rank 0's router and experts are the ones every rank carries on with."""
+        gate_up, down = view.expert_weights()
+        mine = (view.router_weight.data, gate_up, down)
+        theirs, self.router_fit[i] = self.job.ranks.broadcast(([t.cpu() for t in mine], self.router_fit[i]))
+        for dst, src in zip(mine, theirs):
+            dst.copy_(src)
 
     def _num_slots(self) -> int:
         if self.plan is not None:
