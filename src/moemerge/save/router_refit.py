@@ -84,9 +84,10 @@ BLOCK_PATIENCE = 5
 #: ``block_fit_steps``: largest fp32 copy of a layer's merged experts and router with their gradients and Adam's two
 #: moments (16 bytes a parameter); a larger layer is not block-fitted (logged).
 BLOCK_BYTES = 16 * 2**30
-#: sustained fp32 throughput (flop/s) assumed by :func:`block_fit_seconds`: ~5.5e10 measured for the block fit of
-#: the bundled tiny-mixtral on the 2-core CI machine; a data-centre GPU's fp32 rate for CUDA.
-THROUGHPUT = {"cpu": 5e10, "cuda": 2e13}
+#: sustained fp32 throughput (flop/s) assumed by :func:`block_fit_seconds` on the 2-core CI machine: ~5.5e10
+#: measured on the bundled tiny-mixtral, ~1.8e10 at Qwen1.5-MoE's shapes (``benchmarks/bench_router_fit.py``, the
+#: fixed evaluations counted as steps); the lower is assumed. CUDA: a data-centre GPU's fp32 rate.
+THROUGHPUT = {"cpu": 2e10, "cuda": 2e13}
 
 
 def sample_tokens(max_tokens: int, num_experts: int, hidden_size: int, budget: int | None = None) -> int:
@@ -284,8 +285,8 @@ def block_fit_seconds(steps: int, layers, top_k: int, device: str, tokens: int =
                       held_out: float = 0.25) -> float:
     """Rough time of ``steps`` of :func:`fit_block` over MoE ``layers`` (views) on ``device``: a step is a forward
     and a backward pass (≈ 3 forwards) of the top-k experts on the fitted tokens, ``2·3·H·I`` flops per token and
-    expert in each forward. Tiny-mixtral: 22 s per layer estimated, 20 s measured; Mixtral-8x7B shapes: ~11 h per
-    layer on 2 CPU cores, ~2 min on a GPU."""
+    expert in each forward. 300 steps: ~1 min per layer for the bundled models (20–50 s measured), ~27 h per
+    layer on 2 CPU cores at Mixtral-8x7B's shapes, ~2 min on a GPU."""
     fitted = tokens * (1 - held_out) * top_k
     flops = sum(3 * 2 * fitted * 3 * int(v.experts.down_proj.shape[1]) * v.intermediate_size for v in layers)
     return steps * flops / THROUGHPUT["cuda" if str(device).startswith("cuda") else "cpu"]
