@@ -67,18 +67,20 @@ def test_expert_sweeps_recover_the_down_projections_under_a_fixed_routing():
     assert torch.allclose(expert_out, layer.run_experts(hidden), atol=1e-5)  # kept up to date
 
 
-def test_refit_of_an_unmerged_layer_changes_nothing():
-    """Identity: a layer whose experts already give the target (nothing merged) keeps its router and experts."""
+@pytest.mark.parametrize("block", [0, 30])
+def test_refit_of_an_unmerged_layer_changes_nothing(block):
+    """Identity: a layer whose experts already give the target (nothing merged) keeps its router and experts
+    bit-identical, with or without the block fit (nothing to gain on the held-out tokens: not kept)."""
     model = make_model("qwen2_moe", seed=1)
     layer = moe_layers(model)[0]
     hidden = torch.randn(400, model.config.hidden_size)
     weights, index = _routing(layer, hidden, model.config)
     target = routed_from(weights, index, layer.run_experts(hidden))
-    rows, down = layer.router_weight.detach().clone(), layer.expert_weights()[1].clone()
-    held = torch.arange(400) % 4 == 0
-    info = refit_layer(layer, (hidden, target, held), model.config)
+    before = [t.clone() for t in (layer.router_weight.detach(), *layer.expert_weights())]
+    info = refit_layer(layer, (hidden, target, torch.arange(400) % 4 == 0), model.config, block_steps=block)
     assert info["before"] < 1e-10 and info["rounds_kept"] == 0
-    assert torch.equal(layer.router_weight, rows) and torch.equal(layer.expert_weights()[1], down)
+    assert info.get("block_kept", False) is False and info.get("block_steps", 0) <= block
+    assert all(torch.equal(a, b) for a, b in zip(before, (layer.router_weight, *layer.expert_weights())))
 
 
 def test_sample_holds_out_whole_windows():
@@ -205,19 +207,6 @@ def test_block_fit_recovers_a_perturbed_expert_under_its_own_routing():
                  - target).pow(2).sum())
     assert run == 400 and end < 0.01 * start
     assert torch.equal(layer.expert_weights()[0], gate_up)  # fit_block itself changes nothing in the layer
-
-
-def test_block_fit_of_an_unmerged_layer_changes_nothing():
-    """Identity: with nothing to gain on the held-out tokens the block fit is not kept; the layer is bit-identical."""
-    model = make_model("qwen2_moe", seed=1)
-    layer = moe_layers(model)[0]
-    hidden = torch.randn(400, model.config.hidden_size)
-    weights, index = _routing(layer, hidden, model.config)
-    target = routed_from(weights, index, layer.run_experts(hidden))
-    before = [t.clone() for t in (layer.router_weight.detach(), *layer.expert_weights())]
-    info = refit_layer(layer, (hidden, target, torch.arange(400) % 4 == 0), model.config, block_steps=30)
-    assert info["block_kept"] is False and info["block_steps"] <= 30
-    assert all(torch.equal(a, b) for a, b in zip(before, (layer.router_weight, *layer.expert_weights())))
 
 
 def test_block_fit_cost_estimate_scales_with_the_shapes():
