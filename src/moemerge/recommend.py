@@ -240,13 +240,13 @@ def score_trial(ckpt, trial: Trial, held: torch.Tensor, progress: bool = False,
     source = ShardSource(ckpt.folder, dtype=None if dtype == "auto" else dtype, device=resolve_device(recipe.device),
                          config=ckpt.config)
     try:
-        validate_for_model(recipe, source)
-        if block_fit_limit is not None and recipe.router_fit and recipe.block_fit_steps:
+        if block_fit_limit is not None and recipe.router_fit and recipe.block_fit_steps:  # before its warning
             seconds = block_fit_time(recipe, merged_layers(source.moe_views(), recipe.start_layer),
                                      source.family.top_k(source.config))
             if seconds > block_fit_limit:
                 raise MoemergeError(f"block fit would take about {human_duration(seconds)} on "
                                     f"{resolve_device(recipe.device)}; name it in --candidates to run it")
+        validate_for_model(recipe, source)
         job = job_for(recipe, ckpt.tokenizer, ckpt.config, ckpt.fingerprint, progress)
         job.eval_windows, job.fidelity = {"held-out": held}, True
         outcome = execute(source, recipe, job)
