@@ -186,7 +186,18 @@ def group_key(members) -> str:
     return "-".join(str(m) for m in sorted(members))
 
 
-class GroupFitAccumulator(Statistic):
+class WindowAware:
+    """An accumulator that needs to know which calibration windows each batch holds (the held-out split by window
+    index): the executor calls :meth:`start_batch` before every batch it hands over."""
+
+    _windows: torch.Tensor | None = None
+
+    def start_batch(self, window_ids: torch.Tensor) -> None:
+        """The executor's indices of the windows in the next batch."""
+        self._windows = window_ids
+
+
+class GroupFitAccumulator(WindowAware, Statistic):
     """Sufficient statistics of eqs. 1–3, per multi-member group of one layer, over the calibration tokens routed to
     the group, kept apart for the fitted (``fit``) and held-out (``held``) windows (fp64 sums; no per-token tensor
     outlives one chunk of one batch). Fields ``{group}.{part}.{name}``:
@@ -214,11 +225,6 @@ class GroupFitAccumulator(Statistic):
         self.members = members
         self.targets = targets
         self.held_out = held_out
-        self._windows: torch.Tensor | None = None
-
-    def start_batch(self, window_ids: torch.Tensor) -> None:
-        """The executor's indices of the windows in the next batch (for the held-out split)."""
-        self._windows = window_ids
 
     @torch.no_grad()
     def update(self, batch: LayerBatch) -> None:
@@ -279,7 +285,7 @@ class GroupFitAccumulator(Statistic):
 REPLAY_BYTES = 2 * 2**30
 
 
-class BatchRecorder:
+class BatchRecorder(WindowAware):
     """Keeps what the experts saw in one pass (inputs, routing, window indices) so a later pass over the same layer
     can feed its accumulators without running the decoder layer again; gives up (and frees what it kept) once the
     recording would exceed ``limit`` bytes."""
@@ -288,10 +294,6 @@ class BatchRecorder:
         self.limit = limit
         self.batches: list[tuple[torch.Tensor | None, LayerBatch]] | None = []
         self.bytes = 0
-        self._windows: torch.Tensor | None = None
-
-    def start_batch(self, window_ids: torch.Tensor) -> None:
-        self._windows = window_ids
 
     def update(self, batch: LayerBatch) -> None:
         if self.batches is None:

@@ -61,7 +61,7 @@ import torch
 
 from ..errors import MoemergeError
 from ..families import MoeLayer, Routing, expert_intermediate
-from ..merge.fit import DAMP, DAMP_GRID, held_out_tokens
+from ..merge.fit import DAMP, DAMP_GRID, WindowAware, held_out_tokens
 
 LOG = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ def routed_target(layer: MoeLayer, hidden: torch.Tensor, weights: torch.Tensor) 
     return out
 
 
-class RoutedOutputSample:
+class RoutedOutputSample(WindowAware):
     """Keeps up to ``max_tokens`` (hidden, original routed output, held out?) triples of one layer (Observer
     accumulator); tokens are held out by window (:func:`~moemerge.merge.fit.held_out_tokens`)."""
 
@@ -128,14 +128,9 @@ class RoutedOutputSample:
         self.target: list[torch.Tensor] = []
         self.held: list[torch.Tensor] = []
         self.count = 0
-        self._windows: torch.Tensor | None = None
 
     def full(self) -> bool:
         return self.count >= self.max_tokens
-
-    def start_batch(self, window_ids: torch.Tensor) -> None:
-        """The executor's indices of the windows in the next batch (for the held-out split)."""
-        self._windows = window_ids
 
     def reduce(self, ranks) -> None:
         """Every rank's triples in rank order, cut to ``max_tokens``: the same sample on every rank."""
