@@ -201,8 +201,8 @@ def test_block_fit_recovers_a_perturbed_expert_under_its_own_routing():
     down.add_(0.05 * down.abs().mean() * torch.randn_like(down))
     start = float((block_output(rows, gate_up, down, hidden, routing, layer.experts.act_fn) - target).pow(2).sum())
     held = torch.zeros(600, dtype=torch.bool)
-    (new_rows, new_gate_up, new_down), run = fit_block(layer, rows, hidden, target, held, routing, None,
-                                                       torch.arange(layer.num_experts), 400, lr=1e-2)
+    fit = fit_block(layer, rows, hidden, target, held, routing, None, torch.arange(layer.num_experts), 400, lr=1e-2)
+    (new_rows, new_gate_up, new_down), run = fit.params, fit.steps
     end = float((block_output(new_rows, new_gate_up, new_down, hidden, routing, layer.experts.act_fn)
                  - target).pow(2).sum())
     assert run == 400 and end < 0.01 * start

@@ -56,6 +56,7 @@ calibration inputs before its experts are replaced, the merged experts' outputs 
 from __future__ import annotations
 
 import logging
+from typing import NamedTuple
 
 import torch
 
@@ -223,15 +224,21 @@ def ridge_steps(phi: torch.Tensor, resid: torch.Tensor, damps) -> dict[float, to
     return out
 
 
+def _chosen(weights: torch.Tensor, index: torch.Tensor, g: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(tokens [t], w [t])``: the tokens whose top-k ``index [T, k]`` chose expert ``g`` and its weight for each
+    (slots of one merged expert add their weights, mapped)."""
+    chose = index == g  # [T, k]
+    tokens = chose.any(1).nonzero().squeeze(1)
+    return tokens, (weights * chose).sum(1)[tokens]
+
+
 def _expert_parts(layer: MoeLayer, hidden: torch.Tensor, weights: torch.Tensor, index: torch.Tensor, g: int
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(h [T, I], tokens [t], Φ [t, I])``: expert ``g``'s intermediate activations on every sample token (its
     outputs there feed the router fit), the tokens that chose it and their rows ``w_g(x) h_g(x)``."""
     gate_up, _ = layer.expert_weights()
     h = expert_intermediate(hidden, gate_up[g:g + 1].float(), layer.experts.act_fn)[0]
-    chose = index == g  # [T, k]
-    tokens = chose.any(1).nonzero().squeeze(1)
-    w = (weights * chose).sum(1)[tokens]
+    tokens, w = _chosen(weights, index, g)
     return h, tokens, h[tokens] * w[:, None]
 
 
@@ -298,25 +305,34 @@ def block_output(rows: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, 
         index = slots[index]
     out = hidden.new_zeros(hidden.shape[0], down.shape[1])
     for g in range(down.shape[0]):
-        chose = index == g  # [T, k]
-        tokens = chose.any(1).nonzero().squeeze(1)
+        tokens, w = _chosen(weights, index, g)
         if tokens.numel():
-            w = (weights * chose).sum(1)[tokens]  # slots of one merged expert add their weights (mapped)
             h = expert_intermediate(hidden[tokens], gate_up[g:g + 1], act_fn)[0]
             out = out.index_add(0, tokens, w[:, None] * (h @ down[g].T))
     return out
 
 
+class BlockFit(NamedTuple):
+    """:func:`fit_block`'s result: the best ``(rows, gate_up, down)`` (fp32), the steps run, and eq. 1 on all sample
+    tokens and on the held-out ones (None without them) at the start and for the result."""
+    params: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    steps: int
+    start_all: float
+    end_all: float
+    start_held: float | None
+    end_held: float | None
+
+
 def fit_block(layer: MoeLayer, rows: torch.Tensor, hidden: torch.Tensor, target: torch.Tensor, held: torch.Tensor,
               routing: Routing, bias: torch.Tensor | None, slots: torch.Tensor, steps: int, lr: float = BLOCK_LR
-              ) -> tuple[tuple[torch.Tensor, ...], int] | None:
+              ) -> BlockFit | None:
     """``block_fit_steps``: Adam on eq. 1 over the whole written block at once: router ``rows``, the merged experts'
     gate/up and down projections (fp32 copies), on the sample's fitted tokens, full batch. The closed-form steps of
     :func:`refit_downs` cannot move gate and up under the written routing; this can, at the price of gradient
     steps. The held-out tokens are checked every :data:`BLOCK_EVERY` steps; the fit stops after
     :data:`BLOCK_PATIENCE` checks without a new best (without held-out tokens it runs ``steps``).
 
-    Returns ``((rows, gate_up, down) of the best check, steps run)``, or None when the layer is over
+    Returns the best check and the objectives it was judged by (:class:`BlockFit`), or None when the layer is over
     :data:`BLOCK_BYTES` (nothing is changed either way; the caller decides whether to keep the result).
     """
     gate_up, down = layer.expert_weights()
@@ -330,16 +346,17 @@ def fit_block(layer: MoeLayer, rows: torch.Tensor, hidden: torch.Tensor, target:
     act, train = layer.experts.act_fn, ~held
     judged = bool(held.any())
 
-    def loss(part: torch.Tensor, ps) -> torch.Tensor:
-        pred = block_output(ps[0], ps[1], ps[2], hidden[part], routing, act, bias, slots)
-        return (pred - target[part]).pow(2).sum(-1).mean()
+    def loss(part: torch.Tensor | None, ps) -> torch.Tensor:
+        x, y = (hidden, target) if part is None else (hidden[part], target[part])
+        return (block_output(ps[0], ps[1], ps[2], x, routing, act, bias, slots) - y).pow(2).sum(-1).mean()
 
     # one step size per tensor, relative to its scale: router rows and projections differ by orders of magnitude
     opt = torch.optim.Adam([{"params": [p], "lr": lr * float(p.detach().abs().mean().clamp_min(1e-6))}
                             for p in params])
     best = [p.detach().clone() for p in params]
     with torch.no_grad():
-        best_held = float(loss(held, params)) if judged else None
+        start_all = float(loss(None, params))
+        start_held = best_held = float(loss(held, params)) if judged else None
     run = misses = 0
     with torch.enable_grad():
         for run in range(1, steps + 1):
@@ -357,7 +374,9 @@ def fit_block(layer: MoeLayer, rows: torch.Tensor, hidden: torch.Tensor, target:
                         break
     if not judged:
         best = [p.detach() for p in params]
-    return tuple(best), run
+    with torch.no_grad():
+        end_all = float(loss(None, best))
+    return BlockFit(tuple(best), run, start_all, end_all, start_held, best_held)
 
 
 def _mse(pred: torch.Tensor, target: torch.Tensor, rows: torch.Tensor | None = None) -> float:
@@ -369,7 +388,7 @@ def _mse(pred: torch.Tensor, target: torch.Tensor, rows: torch.Tensor | None = N
 @torch.no_grad()
 def refit_layer(layer: MoeLayer, sample: tuple[torch.Tensor, ...], config, steps: int = 100,
                 rounds: int = ROUNDS, block_steps: int = 0) -> dict:
-    """Refit ``layer``'s collapsed router and merged experts' down projections in place on ``sample`` =
+    """Refit ``layer``'s router (collapsed or mapped) and merged experts' down projections in place on ``sample`` =
     ``(hidden, target[, held])`` (see the module docstring). Returns the sample objective (1) before and after
     (``before``/``after``, all tokens; ``held_out_before``/``held_out_after`` on the held-out tokens, None without
     them), the rounds run and kept, and the sample's token counts; with ``block_steps``, then the joint block fit
@@ -443,25 +462,16 @@ def _block_stage(layer: MoeLayer, rows: torch.Tensor, hidden: torch.Tensor, targ
     """:func:`fit_block` from the refitted layer, kept (written into ``layer``) only if it lowers eq. 1 on all
     sample tokens and, with held-out tokens, theirs by :data:`MIN_GAIN`. Returns the objectives (all, held out)
     of what the layer now holds and the stage's summary (``block_steps`` run, ``block_kept``)."""
-    fitted = fit_block(layer, rows, hidden, target, held, routing, bias, slots, steps)
-    if fitted is None:
+    fit = fit_block(layer, rows, hidden, target, held, routing, bias, slots, steps)
+    if fit is None:
         return after, held_after, {"block_steps": 0, "block_kept": False}
-    (new_rows, new_gate_up, new_down), run = fitted
+    # start and result measured by the fit itself (sparse experts), so they compare to the float
+    judged = fit.start_held is not None
+    if not fit.end_all < fit.start_all or (judged and not fit.end_held < fit.start_held * (1 - MIN_GAIN)):
+        return after, held_after, {"block_steps": fit.steps, "block_kept": False}
     gate_up, down = layer.expert_weights()
-    act = layer.experts.act_fn
-
-    def objective(ps, part: torch.Tensor | None) -> float:
-        return _mse(block_output(*ps, hidden, routing, act, bias, slots), target, part)
-
-    judged = held_after is not None
-    old = (rows.float(), gate_up.float(), down.float())
-    # the start measured the same way as the fit (sparse experts): comparable to the float
-    start_all, start_held = objective(old, None), objective(old, held) if judged else None
-    new_all, new_held = objective((new_rows, new_gate_up, new_down), None), \
-        objective((new_rows, new_gate_up, new_down), held) if judged else None
-    if not new_all < start_all or (judged and not new_held < start_held * (1 - MIN_GAIN)):
-        return after, held_after, {"block_steps": run, "block_kept": False}
+    new_rows, new_gate_up, new_down = fit.params
     gate_up.copy_(new_gate_up.to(gate_up.dtype))
     down.copy_(new_down.to(down.dtype))
     layer.router_weight.data.copy_(new_rows.to(layer.router_weight.dtype))
-    return new_all, new_held, {"block_steps": run, "block_kept": True}
+    return fit.end_all, fit.end_held, {"block_steps": fit.steps, "block_kept": True}
