@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .calibrate import CalibrationSettings, Stats, calibration_windows
+from .calibrate import CalibrationSettings, Sampler, Stats, calibration_windows
 from .calibrate.cache import StatsCache, cache_key, versions
 from .calibrate.ranks import SINGLE, Ranks, from_environment
 from .data import load_text
@@ -92,7 +92,44 @@ def calibration_settings(recipe: Recipe, config) -> CalibrationSettings:
     if capped:  # a recipe's window is an input: refused, where `eval` would cap it with a note
         raise MoemergeError(f"seq_len={recipe.seq_len} exceeds the model's max_position_embeddings ({seq_len})")
     return CalibrationSettings(recipe.calibration, recipe.n_sentences, seq_len, recipe.train_batch_size,
-                               recipe.seed, recipe.cache)
+                               recipe.seed, recipe.cache, recipe.self_calibration)
+
+
+def self_sampler(recipe: Recipe, tokenizer, fp: str, folder: Path | None, dtype: torch.dtype | None = None,
+                 model: torch.nn.Module | None = None) -> Sampler | None:
+    """What samples ``self_calibration``'s windows: ``model`` when it is in memory already (the Python API), else
+    the checkpoint in ``folder`` loaded whole, once, only if its windows are not cached; ``None`` when the recipe
+    samples nothing."""
+    if not recipe.self_calibration:
+        return None
+    from .calibrate.self_text import cached_sampler
+
+    device = torch.device(resolve_device(recipe.device))
+
+    def load() -> torch.nn.Module:
+        if model is not None:
+            return model
+        if folder is None:
+            raise MoemergeError("self_calibration needs the model's checkpoint folder to sample from")
+        check_fits_whole(folder, device, recipe.device_map)
+        return _load_whole(folder, dtype, device, recipe.device_map)
+
+    return cached_sampler(fp, tokenizer, load, cache_root() / "self-text" if recipe.cache else None,
+                          recipe.eval_batch_size)
+
+
+def check_fits_whole(folder: Path, device: torch.device, device_map: str | None) -> None:
+    """Sampling needs every layer for every token: the whole model in memory (or spread by ``device_map``)."""
+    import psutil
+
+    if device_map:
+        return
+    need = folder_bytes(folder)
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else psutil.virtual_memory().available
+    if need > 0.9 * free:
+        raise MoemergeError(f"self_calibration samples text with the whole model in memory ({need / 2**30:.1f} GiB "
+                            f"of weights, {free / 2**30:.1f} GiB free on {device}); give --device-map auto to "
+                            f"spread it over the GPUs, or calibrate on text only (self_calibration=0)")
 
 
 #: ``block_fit_steps`` estimated to take longer than this (seconds, whole model) is announced before it starts
@@ -159,14 +196,19 @@ def validate_for_model(recipe: Recipe, source: LayerSource) -> None:
 
 
 # ---- the executor's inputs -----------------------------------------------------------------------------------------
-def job_for(recipe: Recipe, tokenizer, config, fp: str, progress: bool, ranks: Ranks = SINGLE) -> Job:
+def job_for(recipe: Recipe, tokenizer, config, fp: str, progress: bool, ranks: Ranks = SINGLE,
+            sample: Sampler | None = None) -> Job:
     """The executor's inputs for ``recipe``: calibration windows (this rank's share of them), their provenance and
-    cache."""
+    cache. ``sample``: what draws ``self_calibration``'s windows (:func:`self_sampler`)."""
     settings = calibration_settings(recipe, config)
     job = Job(progress=progress and ranks.main, eval_batch_size=recipe.eval_batch_size, fidelity=recipe.fidelity,
               ranks=ranks)
     if recipe.merge != "no" and recipe.num_average_groups is not None:
-        wins, description = calibration_windows(tokenizer, settings)
+        if settings.self_windows and ranks.distributed:  # rank 0 samples once; every rank calibrates on its windows
+            wins, description = ranks.broadcast(calibration_windows(tokenizer, settings, sample) if ranks.main
+                                                else None)
+        else:
+            wins, description = calibration_windows(tokenizer, settings, sample)
         key = cache_key(fp, wins)  # the whole job's windows, whatever the number of ranks
         job.windows = ranks.share(wins)
         job.window_offset = ranks.offset(len(wins))  # global window indices: held-out splits ignore the ranks
@@ -180,7 +222,8 @@ def merge_model(loaded: LoadedModel, recipe: Recipe, progress: bool = True) -> M
     """Merge ``loaded.model`` in place according to ``recipe`` and return what happened (no files written)."""
     source = ModelSource(loaded.model)
     validate_for_model(recipe, source)
-    job = job_for(recipe, loaded.tokenizer, loaded.model.config, loaded.fingerprint, progress)
+    sample = self_sampler(recipe, loaded.tokenizer, loaded.fingerprint, loaded.local_dir, model=loaded.model)
+    job = job_for(recipe, loaded.tokenizer, loaded.model.config, loaded.fingerprint, progress, sample=sample)
     outcome = execute(source, recipe, job)
     if outcome.plan is not None:
         set_expert_count(loaded.model.config, source.family, outcome.plan, recipe.router)
@@ -195,7 +238,9 @@ def calibrate(loaded: LoadedModel, settings: CalibrationSettings, names: list[st
 
     for n in names:
         STATISTICS.get(n)  # unknown names fail before any work
-    wins, description = calibration_windows(loaded.tokenizer, settings)
+    sample = self_sampler(Recipe(self_calibration=settings.self_calibration, cache=settings.use_cache),
+                          loaded.tokenizer, loaded.fingerprint, loaded.local_dir, model=loaded.model)
+    wins, description = calibration_windows(loaded.tokenizer, settings, sample)
     key = cache_key(loaded.fingerprint, wins)
     job = Job(windows=wins, statistics=list(names), progress=progress,
               cache=StatsCache(cache_root(), key) if settings.use_cache else None,
@@ -353,7 +398,8 @@ def _run(recipe: Recipe, source: LayerSource, tokenizer, name: str, local_dir: P
     pad_id = getattr(tokenizer, "pad_token_id", None)
     dtype = next((p.dtype for p in source.model.parameters() if p.is_floating_point()), torch.float32)
     finishing = ranks.broadcast(finishing)  # rank 0 looked at the output folder
-    job = job_for(recipe, tokenizer, source.config, fp, progress, ranks)
+    sample = self_sampler(recipe, tokenizer, fp, local_dir, dtype, loaded.model if loaded is not None else None)
+    job = job_for(recipe, tokenizer, source.config, fp, progress, ranks, sample)
     job.eval_windows = {t.name: ranks.share(t.windows) for t in texts}
     small = local_dir is None or folder_bytes(local_dir) <= GENERATION_MAX_BYTES
     timings = {"load": load_s}

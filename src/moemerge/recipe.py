@@ -65,6 +65,11 @@ class Recipe(BaseModel):
     n_sentences: int = Field(32, ge=1, description="Number of calibration windows of seq_len tokens.")
     seq_len: int | None = Field(
         None, ge=2, description="Tokens per calibration window (default: min(2048, model's max positions)).")
+    self_calibration: float = Field(
+        0.0, ge=0, le=1, description="Share of the calibration windows sampled from the model itself (temperature 1, "
+                                     "from its start token) instead of cut from the calibration text: a guard when "
+                                     "the text of use is unlike the calibration text; 1 needs no text. Loads the "
+                                     "whole model once to sample.")
     train_batch_size: int = Field(2, ge=1, description="Calibration windows per forward pass.")
     seed: int = Field(0, description="Seed for window sampling, k-means and random grouping.")
     cache: bool = Field(True, description="Reuse/store calibration statistics in the cache ($MOEMERGE_CACHE).")

@@ -169,6 +169,7 @@ def held_out_windows(tokenizer, config, base: Recipe) -> tuple[int, torch.Tensor
     if n < 2:
         raise MoemergeError("recommend needs n_sentences >= 2 (a quarter of them is held out)")
     settings = calibration_settings(base, config)
+    settings.self_calibration = 0.0  # held out from the user's text: the text the recipe must do well on
     every, _ = calibration_windows(tokenizer, settings)  # the sampler's windows for N, a superset of those for N - held
     settings.n_sentences = n - held
     calib, _ = calibration_windows(tokenizer, settings)
@@ -232,7 +233,7 @@ def score_trial(ckpt, trial: Trial, held: torch.Tensor, progress: bool = False,
     from .execute.source import ShardSource
     from .group import merged_layers
     from .loading import resolve_device, resolve_dtype
-    from .pipeline import block_fit_time, human_duration, job_for, validate_for_model
+    from .pipeline import block_fit_time, human_duration, job_for, self_sampler, validate_for_model
 
     recipe = trial.trial_recipe
     dtype = resolve_dtype(recipe.dtype)
@@ -247,7 +248,8 @@ def score_trial(ckpt, trial: Trial, held: torch.Tensor, progress: bool = False,
                 raise MoemergeError(f"block fit would take about {human_duration(seconds)} on "
                                     f"{resolve_device(recipe.device)}; name it in --candidates to run it")
         validate_for_model(recipe, source)
-        job = job_for(recipe, ckpt.tokenizer, ckpt.config, ckpt.fingerprint, progress)
+        sample = self_sampler(recipe, ckpt.tokenizer, ckpt.fingerprint, ckpt.folder, dtype)
+        job = job_for(recipe, ckpt.tokenizer, ckpt.config, ckpt.fingerprint, progress, sample=sample)
         job.eval_windows, job.fidelity = {"held-out": held}, True
         outcome = execute(source, recipe, job)
         ppl0, ppl = outcome.ppl_before["held-out"], outcome.ppl_after["held-out"]
