@@ -46,10 +46,11 @@ def domain_files(split: str, folder: Path) -> dict[str, Path]:
     return out
 
 
-def run_rows(model: str, ckpt, rows: list[str], groups: int, fmt: str, calibration: str, held, args
-             ) -> list[Trial]:
+def run_rows(model: str, ckpt, rows: list[str], groups: int, fmt: str, calibration: str, held, args,
+             self_calibration: float = 0.0) -> list[Trial]:
     base = Recipe.build(model_path=model, calibration=calibration, n_sentences=args.n_sentences,
-                        seq_len=args.seq_len, num_average_groups=groups, dtype="float32", device="cpu")
+                        seq_len=args.seq_len, num_average_groups=groups, dtype="float32", device="cpu",
+                        self_calibration=self_calibration)
     trials = []
     for name in rows:
         trial = Trial(name, groups, None)
@@ -105,8 +106,11 @@ def main() -> None:
     ap.add_argument("--domain-ratio", type=float, default=0.625, help="share removed in the cross-domain block")
     ap.add_argument("--domain-rows", nargs="*", default=["moemerge", "moemerge+bfit", "hc-smoe+fit",
                                                           "hc-smoe+fit+rfit@compact", "hc-smoe+fit+bfit@compact",
-                                                          "frequency-prune", "reap"],
-                    help="rows of the cross-domain block, each written mapped unless NAME@FORMAT says otherwise")
+                                                          "frequency-prune", "reap", "moemerge+self=0.5",
+                                                          "moemerge+self=1", "hc-smoe+fit+bfit@compact+self=0.5",
+                                                          "frequency-prune+self=0.5"],
+                    help="rows of the cross-domain block, each written mapped unless NAME@FORMAT says otherwise; "
+                         "NAME+self=S calibrates with self_calibration=S")
     ap.add_argument("--json", default=None, help="also write every trial here (model, block, format, figures)")
     ap.add_argument("--no-domains", action="store_true", help="skip the cross-domain block")
     ap.add_argument("--n-sentences", type=int, default=32)
@@ -151,6 +155,8 @@ def main() -> None:
         train, valid = domain_files("train", work), domain_files("validation", work)
         lines += [f"### Calibrated on one domain, scored on the others (−{args.domain_ratio:.1%}, mapped unless "
                   "the row says @compact; pruning compact)", "",
+                  "`+self=S`: a share S of the calibration windows sampled from the model itself (`self_calibration`), "
+                  "the rest cut from the calibration domain.", "",
                   "| calibrated on | scored on | " + " | ".join(args.domain_rows) + " |",
                   "|---|---|" + "---|" * len(args.domain_rows)]
         for cal_domain, cal_file in train.items():
@@ -161,8 +167,10 @@ def main() -> None:
                 print(f"[{Path(model).name} calibrated on {cal_domain}, scored on {eval_domain}]", flush=True)
                 trials = []
                 for row in args.domain_rows:
+                    row, _, share = row.partition("+self=")
                     name, _, fmt = row.partition("@")
-                    trials += run_rows(model, ckpt, [name], groups, fmt or "mapped", str(cal_file), held_d, args)
+                    trials += run_rows(model, ckpt, [name], groups, fmt or "mapped", str(cal_file), held_d, args,
+                                       float(share or 0))
                 record += [{"model": Path(model).name, "block": f"{cal_domain}->{eval_domain}", **t.to_json()}
                            for t in trials]
                 cells = [f"×{t.ppl_ratio:.3f}" if t.error is None else "failed" for t in trials]

@@ -123,3 +123,21 @@ def test_a_model_too_large_to_sample_from_is_refused_in_one_line(model_dirs, mon
         check_fits_whole(model_dirs["mixtral"], torch.device("cpu"), None)
     assert "\n" not in str(err.value)
     check_fits_whole(model_dirs["mixtral"], torch.device("cpu"), "auto")  # spread by device_map: not refused
+
+
+def test_recommend_carries_self_calibration_into_its_trials_and_the_written_recipe(model_dirs, text_file, tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+
+    recipe_file = tmp_path / "best.yaml"
+    out = subprocess.run([sys.executable, "-m", "moemerge.cli", "recommend", str(model_dirs["mixtral"]),
+                          "--num-average-groups", "4", "--output", str(recipe_file), "--calibration", str(text_file),
+                          "--seq-len", "32", "--n-sentences", "8", "--dtype", "float32", "--device", "cpu",
+                          "--candidates", "hc-smoe+fit", "--self-calibration", "0.5", "-q"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert yaml.safe_load(recipe_file.read_text())["self_calibration"] == 0.5
+    trials = json.loads(next(tmp_path.glob("*trials.json")).read_text())
+    assert trials["trials"][0]["trial_recipe"]["self_calibration"] == 0.5

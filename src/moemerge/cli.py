@@ -383,7 +383,8 @@ def demo(model_name: str | None, output: str | None, groups: int | None, router:
 @click.option("--overwrite", is_flag=True, help="Replace the recipe, trials and frontier files if they exist.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @recipe_options(skip=tuple(f for f in Recipe.model_fields if f not in (
-    "calibration", "n_sentences", "seq_len", "train_batch_size", "seed", "cache", "dtype", "device")))
+    "calibration", "n_sentences", "seq_len", "train_batch_size", "seed", "cache", "self_calibration", "dtype",
+    "device")))
 def recommend(model: str, groups: str, output: str, fmt: str, candidates: str | None, overwrite: bool, quiet: bool,
               **options: Any) -> None:
     """Try candidate recipes on held-out calibration text, print the table and write the best as a recipe."""
