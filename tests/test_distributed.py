@@ -42,8 +42,8 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
     [],  # HC-SMoE: per-layer plan
     ["--recipe", "moemerge", "--router", "mapped"],  # global distance threshold over all layers + fit
     ["--recipe", "sub-moe", "--merge", "fit"],  # Sub-MoE multi-layer allocation + fit
-    # refit sample gathered in window order, held out; the block fit broadcast from rank 0
-    ["--merge", "fit", "--router", "compact", "--router-fit", "--block-fit-steps", "20"],
+    # refit sample in window order (each rank corrects its own share), held out; block fit broadcast from rank 0
+    ["--merge", "fit", "--router", "compact", "--router-fit", "--block-fit-steps", "20", "--error-feedback"],
 ], ids=["per-layer", "global-threshold+fit", "multi-layer+fit", "compact+router-fit+block-fit"])
 def test_two_ranks_equal_one(recipe, model_dirs, text_file, tmp_path):
     one = _merge(model_dirs["qwen2_moe"], tmp_path / "one", text_file, 1, *recipe)

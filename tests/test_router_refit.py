@@ -103,17 +103,19 @@ def test_sample_holds_out_whole_windows():
     assert torch.allclose(target, layer.run_experts(Batch.hidden)[0])
 
 
-@pytest.mark.parametrize("family,fmt,block", [("mixtral", "collapse", 0), ("qwen2_moe", "collapse", 0),
-                                               ("mixtral", "mapped", 0), ("qwen2_moe", "collapse", 40),
-                                               ("mixtral", "mapped", 40)])
-def test_refit_never_ends_worse_and_stops_on_held_out(family, fmt, block, tokenizer, text_file):
+@pytest.mark.parametrize("family,fmt,block,feedback", [
+    ("mixtral", "collapse", 0, False), ("qwen2_moe", "collapse", 0, False), ("mixtral", "mapped", 0, False),
+    ("qwen2_moe", "collapse", 40, False), ("mixtral", "mapped", 40, False), ("qwen2_moe", "collapse", 0, True),
+    ("mixtral", "mapped", 40, True)])
+def test_refit_never_ends_worse_and_stops_on_held_out(family, fmt, block, feedback, tokenizer, text_file):
     """On the merged model the refit never ends above the start (all sample tokens, held-out tokens), stops within
-    the cap and, after a collapse, lowers its objective; so does the block fit after it."""
+    the cap and, after a collapse, lowers its objective; so does the block fit after it, and so do both when they fit
+    the merged model's inputs (error_feedback)."""
     model = make_model(family, vocab_size=len(tokenizer), seed=2)
     loaded = LoadedModel(model, tokenizer, "in-memory", None, fingerprint(model, None, "in-memory"))
     recipe = moemerge.Recipe.build(calibration=str(text_file), seq_len=32, n_sentences=8, num_average_groups=4,
                                    merge="fit", router=fmt, router_fit=True, router_fit_rounds=4, cache=False,
-                                   block_fit_steps=block)
+                                   block_fit_steps=block, error_feedback=feedback)
     result = merge_model(loaded, recipe, progress=False)
     assert result.router_fit
     for info in result.router_fit.values():
@@ -220,6 +222,43 @@ def test_block_fit_cost_estimate_scales_with_the_shapes():
     assert 3600 < cpu < 2 * 86400  # hours for one layer on two CPU cores
     assert block_fit_seconds(300, [View], top_k=2, device="cuda") < cpu / 100
     assert block_fit_seconds(600, [View, View], top_k=2, device="cpu") == 4 * cpu
+
+
+def test_error_feedback_changes_only_layers_after_a_merged_one(tokenizer):
+    """error_feedback: the first merged layer's inputs are still the original model's, so the gap it adds to its
+    targets is exactly zero and its refit is the plain one, bit for bit; the layer after it fits the merged model's
+    inputs to corrected targets: another sample, another starting error."""
+    from moemerge.execute.executor import Job, execute
+    from moemerge.execute.source import ModelSource
+    from moemerge.group.plan import LayerPlan, MergePlan
+
+    windows = torch.randint(0, len(tokenizer), (8, 16), generator=torch.Generator().manual_seed(0))
+    written, fits = {}, {}
+    for feedback in (False, True):
+        model = make_model("mixtral", vocab_size=len(tokenizer), seed=3)
+        plan = MergePlan({l.index: LayerPlan(l.index, 8, [[0, 1], [2, 3], [4, 5], [6, 7]], [0, 2, 4, 6])
+                          for l in moe_layers(model)})
+        recipe = moemerge.Recipe.build(merge="fit", router="collapse", router_fit=True, error_feedback=feedback,
+                                       train_batch_size=2, cache=False)
+        fits[feedback] = execute(ModelSource(model), recipe, Job(windows=windows, plan=plan, progress=False)).router_fit
+        written[feedback] = [(l.router_weight.detach().clone(), *[t.clone() for t in l.expert_weights()])
+                             for l in moe_layers(model)]
+    first, *later = sorted(fits[False])
+    assert fits[False][first] == fits[True][first]
+    assert all(torch.equal(a, b) for a, b in zip(written[False][0], written[True][0]))
+    assert later and all(fits[False][i]["before"] != fits[True][i]["before"] for i in later)
+
+
+def test_error_feedback_needs_router_fit_and_is_not_sequential(model_dirs, text_file, tmp_path):
+    with pytest.raises(ValueError, match="error_feedback only applies with router_fit"):
+        moemerge.Recipe(merge="fit", router="collapse", error_feedback=True)
+    recipe = moemerge.Recipe.build(model_path=str(model_dirs["mixtral"]), output_path=str(tmp_path / "o"),
+                                   calibration=str(text_file), seq_len=32, n_sentences=4, num_average_groups=4,
+                                   merge="fit", router="collapse", router_fit=True, error_feedback=True,
+                                   sequential=True)
+    with pytest.raises(moemerge.MoemergeError, match="error_feedback"):
+        moemerge.run(recipe, progress=False)
+    assert not (tmp_path / "o").exists()
 
 
 def test_block_fit_needs_router_fit():

@@ -193,6 +193,9 @@ def validate_for_model(recipe: Recipe, source: LayerSource) -> None:
         if recipe.dominant == "frequency":
             raise MoemergeError("sequential=true merges one layer at a time; dominant=frequency picks dominants "
                                 "across all layers (drop one of the two)")
+        if recipe.router_fit and recipe.error_feedback:
+            raise MoemergeError("sequential=true already calibrates every layer on the merged model's inputs; "
+                                "error_feedback needs the original model's stream beside it (drop one of the two)")
 
 
 # ---- the executor's inputs -----------------------------------------------------------------------------------------

@@ -131,6 +131,10 @@ class Recipe(BaseModel):
                                                                  "the whole written block (router, merged experts' "
                                                                  "gate/up and down), stopped by held-out windows "
                                                                  "(0: off; costly at real sizes without a GPU).")
+    error_feedback: bool = Field(False, description="router_fit: fit each written block on the merged model's own "
+                                                    "inputs (earlier layers already merged), to what the original "
+                                                    "model's hidden state needs there, so that each layer corrects "
+                                                    "the error the layers before it left.")
     overwrite: bool = Field(False, description="Replace output_path if it exists.")
     max_shard_size: str = Field("5GB", description="Largest output shard (e.g. 5GB, 500MB), as save_pretrained's.")
 

@@ -230,10 +230,11 @@ class _Walk:
         return missing
 
     def _observe(self, layer: nn.Module, view: MoeLayer, stream: Stream, index: int, names: list[str] = (),
-                 accumulators: list | None = None, until: Callable[[], bool] | None = None
+                 accumulators: list | None = None, until: Callable[[], bool] | None = None, reduce: bool = True
                  ) -> tuple[list[torch.Tensor], dict]:
         """Push ``stream`` through ``layer`` with the observer hooks on its MoE block feeding the statistics
-        ``names`` (or the given ``accumulators``); returns the layer's outputs and the statistics' results."""
+        ``names`` (or the given ``accumulators``, combined over the ranks unless ``reduce`` is false); returns the
+        layer's outputs and the statistics' results."""
         observer = Observer([view], list(names))
         if accumulators is not None:
             observer.accumulators = {index: accumulators}
@@ -247,7 +248,8 @@ class _Walk:
                         start(ids)
         with observer.attached(), torch.no_grad():
             outputs = stream.through(layer, index, until, before)
-        self._reduce(observer.accumulators.get(index, []))  # the ranks' shares, once the layer is through
+        if reduce:
+            self._reduce(observer.accumulators.get(index, []))  # the ranks' shares, once the layer is through
         return outputs, (observer.results().get(index, {}) if accumulators is None else {})
 
     def _reduce(self, accumulators: list) -> None:
@@ -296,6 +298,7 @@ class _Walk:
             raise MoemergeError("calibration windows are needed but none were given")
         evals: dict[str, Stream] = {}
         merged_evals: dict[str, Stream] | None = None
+        student: Stream | None = None  # error_feedback: the calibration windows through the merged layers
         probe = None
         if not plan_only:
             with self.clock("eval"):
@@ -326,7 +329,13 @@ class _Walk:
                 if not plan_only and self.merging and i in self.targets:
                     if merged_evals is None:  # the merged model's streams part from the original's here
                         merged_evals = {k: s.twin() for k, s in evals.items()}
-                    merged_here, calib_out = self._merge(i, layer, view, calib, calib_out, per_layer_plan, evals)
+                        if recipe.error_feedback and calib is not None:
+                            student = calib.twin()
+                    merged_here, calib_out = self._merge(i, layer, view, calib, calib_out, per_layer_plan, evals,
+                                                         student)
+                if student is not None and i < last_calib:
+                    with self.clock("calibrate"):  # through the layer as written (merged or not)
+                        student.hidden = student.through(layer, i)
                 if plan_only or not merged_here:
                     if calib is not None and i < last_calib:
                         if calib_out is None:
@@ -353,7 +362,7 @@ class _Walk:
                         else:
                             calib.hidden = calib_out
                 if calib is not None and i >= last_calib:
-                    calib = None  # no later layer needs calibration inputs
+                    calib = student = None  # no later layer needs calibration inputs
             if not plan_only:
                 if job.sink is not None:
                     with self.clock("save"):
@@ -404,8 +413,8 @@ class _Walk:
         self.out.probe["layers"][index] = (x.cpu(), y.cpu())
 
     def _merge(self, i: int, layer: nn.Module, view: MoeLayer, calib: Stream | None,
-               calib_out: list[torch.Tensor] | None, per_layer_plan: bool, evals: dict[str, Stream]
-               ) -> tuple[bool, list[torch.Tensor] | None]:
+               calib_out: list[torch.Tensor] | None, per_layer_plan: bool, evals: dict[str, Stream],
+               student: Stream | None = None) -> tuple[bool, list[torch.Tensor] | None]:
         """Group (per-layer recipes), run the plan-aware passes, merge and format layer ``i`` in place. Returns
         whether the layer changed and the original layer's calibration outputs (``calib_out`` when the statistics
         pass already computed them), and moves the original evaluation streams through the layer before it is
@@ -438,15 +447,19 @@ class _Walk:
             self.stats.layers[i].update(entries)
         if self.job.passes_only:
             return False, calib_out
-        sample = None
-        if recipe.router_fit:
-            sample = RoutedOutputSample(view, held_out=recipe.fit_held_out)
-            run([sample], until=sample.full)
         # What the original layer gives: carried on by the calibration stream (not sequential) and the originals'
         # evaluation streams, computed before the layer is overwritten.
         if calib is not None and not recipe.sequential and calib_out is None:
             with self.clock("calibrate"):
                 calib_out = calib.through(layer, i)
+        sample = None
+        if recipe.router_fit:
+            sample = RoutedOutputSample(view, held_out=recipe.fit_held_out)
+            if student is None:
+                run([sample], until=sample.full)
+            else:
+                with self.clock("merge_pass"):
+                    self._error_feedback_sample(layer, view, student, calib_out, i, sample)
         with self.clock("eval"):
             for s in evals.values():
                 s.hidden = s.through(layer, i)
@@ -465,6 +478,20 @@ class _Walk:
                 if self.job.ranks.distributed:
                     self._same_refit_on_every_rank(view, i)
         return True, calib_out
+
+    def _error_feedback_sample(self, layer: nn.Module, view: MoeLayer, student: Stream,
+                               teacher_out: list[torch.Tensor], i: int, sample: RoutedOutputSample) -> None:
+        """``error_feedback``: the refit sample's inputs are the merged model's (``student``), and its targets what
+        the routed experts must add there for the layer to give the original model's hidden state:
+        ``y*(x_s) = y(x_s) + (h_teacher − h_student)``, where ``y`` is the original block's routed output and the
+        ``h`` are the original layer's outputs on the original and on the merged model's inputs (eq. 4 of
+        :mod:`moemerge.save.router_refit`; asymmetric calibration, after GPTAQ)."""
+        student_out, _ = self._observe(layer, view, student, i, accumulators=[sample], until=sample.full,
+                                       reduce=False)
+        width = teacher_out[0].shape[-1]
+        gap = torch.cat([(t - s).reshape(-1, width).float().cpu() for t, s in zip(teacher_out, student_out)])
+        sample.add_to_target(gap[:sample.count])
+        self._reduce([sample])  # the ranks' shares, each with its own correction
 
     def _same_refit_on_every_rank(self, view, i: int) -> None:
         """Every rank refitted the same sample, but GPU kernels with atomic adds (index_add's backward) need not

@@ -125,7 +125,7 @@ def check_options(recipe: Any) -> None:
         raise ValueError(f"fit_scope only applies to merge=fit (merge is {merge!r})")
     if "fit_held_out" in given and merge != "fit" and not recipe.router_fit:
         raise ValueError(f"fit_held_out only applies to merge=fit or router_fit (merge is {merge!r})")
-    for name in ("router_fit_rounds", "block_fit_steps"):
+    for name in ("router_fit_rounds", "block_fit_steps", "error_feedback"):
         if name in given and not recipe.router_fit:
             raise ValueError(f"{name} only applies with router_fit")
 

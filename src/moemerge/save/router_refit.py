@@ -154,6 +154,12 @@ class RoutedOutputSample(WindowAware):
         self.held.append(held.cpu())
         self.count += int(x.shape[0])
 
+    def add_to_target(self, correction: torch.Tensor) -> None:
+        """Add ``[count, H]`` to the targets, token by token (``error_feedback``: the hidden-state gap that the
+        layers before left and this one should close)."""
+        target = torch.cat(self.target)
+        self.target = [target + correction.to(target.dtype)]
+
     def result(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(hidden [T, H], target [T, H], held [T] bool)``."""
         return torch.cat(self.hidden), torch.cat(self.target), torch.cat(self.held)
