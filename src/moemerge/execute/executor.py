@@ -484,7 +484,7 @@ class _Walk:
         """``error_feedback``: the refit sample's inputs are the merged model's (``student``), and its targets what
         the routed experts must add there for the layer to give the original model's hidden state:
         ``y*(x_s) = y(x_s) + (h_teacher − h_student)``, where ``y`` is the original block's routed output and the
-        ``h`` are the original layer's outputs on the original and on the merged model's inputs (eq. 4 of
+        ``h`` are the original layer's outputs on the original and on the merged model's inputs (eq. 3 of
         :mod:`moemerge.save.router_refit`; asymmetric calibration, after GPTAQ)."""
         student_out, _ = self._observe(layer, view, student, i, accumulators=[sample], until=sample.full,
                                        reduce=False)

@@ -39,6 +39,17 @@ the teacher: no labels, no end-to-end training. It overfits the sample fast (on 
 error halves while the held-out error falls 8–20 %), which is why the held-out windows stop it and decide whether it
 is kept. Cost: per step about three forward passes of the block on the fitted tokens (a GPU matter at real sizes).
 
+**Error feedback** (``error_feedback``): the sample above is taken on the original model's hidden states, so each
+layer is fitted as if the layers before it were exact. With it, the executor carries a second calibration stream
+through the layers as written (merged), takes the sample's ``x_s`` there and corrects its targets by the gap between
+the original layer's outputs on the original and on the merged model's inputs (both before the layer is replaced):
+
+    (3)  y*(x_s) = y(x_s) + (h_orig − h_merged),
+
+so that the routed experts add what the residual stream needs for the layer to give the original model's hidden
+state, and each layer absorbs part of the error the layers before it left (asymmetric calibration, as GPTAQ does it
+for quantisation: Li et al., ICML 2025). At the first merged layer the gap is zero and nothing changes.
+
 **Held out, early stopping.** Tokens of the sample's held-out windows (``fit_held_out``, the same window split as
 ``merge: fit``) are never fitted: they choose each expert's ``damp`` (an update that does not lower its held-out
 error is not taken), and after every round the held-out (1) decides: a round that does not lower it by at least
