@@ -141,3 +141,22 @@ def test_recommend_carries_self_calibration_into_its_trials_and_the_written_reci
     assert yaml.safe_load(recipe_file.read_text())["self_calibration"] == 0.5
     trials = json.loads(next(tmp_path.glob("*trials.json")).read_text())
     assert trials["trials"][0]["trial_recipe"]["self_calibration"] == 0.5
+
+
+def test_sampling_cost_estimate_scales_and_warns_at_real_sizes(model_dirs, caplog):
+    from moemerge.calibrate.self_text import sampling_seconds
+    from moemerge.execute.source import ShardSource
+    from moemerge.loading import open_checkpoint
+    from moemerge.pipeline import validate_for_model
+
+    qwen = dict(active_parameters=int(2.7e9), weight_bytes=int(28.6e9))
+    cpu = sampling_seconds(16, 2048, device="cpu", **qwen)
+    assert 2 * 3600 < cpu < 5 * 3600 and sampling_seconds(16, 2048, device="cuda", **qwen) < 600
+    assert sampling_seconds(32, 2048, device="cpu", **qwen) == pytest.approx(2 * cpu)
+
+    ckpt = open_checkpoint(str(model_dirs["mixtral"]))
+    source = ShardSource(ckpt.folder, config=ckpt.config)
+    recipe = moemerge.Recipe.build(num_average_groups=4, self_calibration=0.5, seq_len=32, device="cpu")
+    with caplog.at_level("WARNING"):
+        validate_for_model(recipe, source)  # a tiny model: no warning
+    assert "self_calibration" not in caplog.text

@@ -144,6 +144,21 @@ def block_fit_time(recipe: Recipe, layers, top_k: int) -> float:
                              held_out=recipe.fit_held_out)
 
 
+def self_calibration_time(recipe: Recipe, source: LayerSource) -> float:
+    """Estimated seconds to sample the recipe's ``self_calibration`` windows (before they are cached)."""
+    from .calibrate.self_text import sampling_seconds
+
+    settings = calibration_settings(recipe, source.config)
+    params = [p for p in source.model.parameters()]
+    total = sum(p.numel() for p in params)
+    experts = sum(t.numel() for v in source.moe_views() for t in v.expert_weights())
+    num_experts = max((v.num_experts for v in source.moe_views()), default=1)
+    active = total - experts + experts * source.family.top_k(source.config) // num_experts
+    size = max((p.element_size() for p in params if p.is_floating_point()), default=2)
+    return sampling_seconds(settings.self_windows, settings.seq_len, active, total * size,
+                            resolve_device(recipe.device), recipe.eval_batch_size)
+
+
 def human_duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
 
@@ -182,6 +197,12 @@ def validate_for_model(recipe: Recipe, source: LayerSource) -> None:
         if seconds > BLOCK_FIT_WARN_S:
             LOG.warning("block_fit_steps=%d: about %s of Adam steps on %s for %d MoE layers (a GPU makes it minutes)",
                         recipe.block_fit_steps, human_duration(seconds), resolve_device(recipe.device), len(layers))
+    if recipe.self_calibration:
+        seconds = self_calibration_time(recipe, source)
+        if seconds > BLOCK_FIT_WARN_S:
+            LOG.warning("self_calibration=%g: sampling its windows from the whole model takes about %s on %s "
+                        "(once: they are cached)", recipe.self_calibration, human_duration(seconds),
+                        resolve_device(recipe.device))
     if recipe.sequential:
         if FORMATS.get(recipe.router).padded:
             raise MoemergeError(f"sequential=true writes one layer at a time; router={recipe.router} pads layers "
