@@ -1,0 +1,77 @@
+"""Self-calibration cost: seconds to sample calibration windows from the model (``self_calibration``) against one
+plain forward pass over the same number of tokens (what a calibration pass costs), and against the estimate that
+``moemerge merge`` warns with.
+
+Run: ``python benchmarks/bench_self_calibration.py [--model tiny-mixtral|tiny-qwen-moe|PATH] [--windows 16]
+[--seq-len 256] [--batch-size 8]``
+
+Prints tokens/s, seconds and peak RSS growth of each, their ratio, and ``sampling_seconds``' estimate. Sampling is
+autoregressive: one decoding step of the whole model per token position (with the KV cache), so it costs far more
+than a forward pass over the same tokens, and more still where the weights do not fit in cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import time
+
+import torch
+
+from moemerge import zoo
+from moemerge.calibrate.self_text import sample_windows, sampling_seconds, start_token
+from moemerge.data import load_text, tokenize, windows
+from moemerge.families import family_of, moe_layers
+from moemerge.loading import load_model
+
+
+def rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="tiny-mixtral")
+    ap.add_argument("--windows", type=int, default=16)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=8)
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    path = str(zoo.model_path(args.model)) if args.model in zoo.MODELS else args.model
+    loaded = load_model(path, dtype="float32", device="cpu")
+    model = loaded.model
+    wins = windows(tokenize(loaded.tokenizer, load_text("bundled:validation")), args.seq_len, args.windows, seed=0)
+    tokens = wins.numel()
+
+    rss0 = rss_gib()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for s in range(0, len(wins), args.batch_size):
+            model(input_ids=wins[s:s + args.batch_size])
+    plain = time.perf_counter() - t0
+    rss_plain = rss_gib() - rss0
+
+    t0 = time.perf_counter()
+    sampled = sample_windows(model, start_token(loaded.tokenizer), args.windows, args.seq_len, seed=0,
+                             batch_size=args.batch_size)
+    sample = time.perf_counter() - t0
+    rss_sample = rss_gib() - rss0
+
+    spec = family_of(model.config)
+    total = sum(p.numel() for p in model.parameters())
+    experts = sum(t.numel() for layer in moe_layers(model) for t in layer.expert_weights())
+    num_experts = max(layer.num_experts for layer in moe_layers(model))
+    active = total - experts + experts * spec.top_k(model.config) // num_experts
+    estimate = sampling_seconds(args.windows, args.seq_len, active, total * 4, "cpu", args.batch_size)
+
+    print(f"{args.model}: {args.windows} windows x {args.seq_len} tokens ({tokens} tokens), batch {args.batch_size}")
+    print(f"{'':28s} {'tokens/s':>10s} {'seconds':>9s} {'peak RSS +GiB':>14s} {'x forward':>10s}")
+    print(f"{'plain forward pass':28s} {tokens / plain:10.0f} {plain:9.2f} {rss_plain:14.3f} {1.0:10.2f}")
+    print(f"{'sampling (temperature 1)':28s} {tokens / sample:10.0f} {sample:9.2f} {rss_sample:14.3f} "
+          f"{sample / plain:10.2f}")
+    print(f"estimate (sampling_seconds): {estimate:.2f} s ({estimate / sample:.2f} x measured); "
+          f"windows {tuple(sampled.shape)}")
+
+
+if __name__ == "__main__":
+    main()
