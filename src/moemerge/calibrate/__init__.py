@@ -74,6 +74,9 @@ def calibration_windows(tokenizer, settings: CalibrationSettings, sample: Sample
     """The calibration token windows ``[n_sentences, seq_len]`` and a description of their source: windows cut from
     the calibration text, then (``self_calibration``) windows ``sample`` draws from the model itself."""
     n_self = settings.self_windows
+    if settings.self_calibration and not n_self:
+        LOG.warning("self_calibration=%g of %d windows rounds to none: no window is sampled", settings.self_calibration,
+                    settings.n_sentences)
     parts, described = [], []
     if n_self < settings.n_sentences:
         text, description = _text_windows(tokenizer, settings, settings.n_sentences - n_self)
