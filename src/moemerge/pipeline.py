@@ -114,8 +114,12 @@ def self_sampler(recipe: Recipe, tokenizer, fp: str, folder: Path | None, dtype:
         check_fits_whole(folder, device, recipe.device_map)
         return _load_whole(folder, dtype, device, recipe.device_map)
 
+    if model is not None:  # the samples are the in-memory model's, whatever dtype and device it is in
+        first = next(model.parameters())
+        dtype, device = first.dtype, first.device
+    tag = f"{str(dtype).removeprefix('torch.') if dtype is not None else 'auto'}-{device.type}"
     return cached_sampler(fp, tokenizer, load, cache_root() / "self-text" if recipe.cache else None,
-                          recipe.eval_batch_size)
+                          recipe.eval_batch_size, tag)
 
 
 def check_fits_whole(folder: Path, device: torch.device, device_map: str | None) -> None:

@@ -76,13 +76,15 @@ def sampling_seconds(count: int, seq_len: int, active_parameters: int, weight_by
 
 
 def cached_sampler(fingerprint: str, tokenizer, load: Callable[[], nn.Module], folder: Path | None,
-                   batch_size: int = 8) -> Callable[[int, int, int], torch.Tensor]:
+                   batch_size: int = 8, tag: str = "") -> Callable[[int, int, int], torch.Tensor]:
     """A ``sample(count, seq_len, seed)`` for :func:`moemerge.calibrate.calibration_windows` that loads the model
     (``load()``) only when its windows are not in ``folder`` yet (``None``: no cache), and stores them there: a
-    second plan, or ``recommend``'s trials, reuse one sampling."""
+    second plan, or ``recommend``'s trials, reuse one sampling. ``tag`` names what else changes the samples (the
+    dtype and device the model is loaded with)."""
 
     def sample(count: int, seq_len: int, seed: int) -> torch.Tensor:
-        path = folder / f"{fingerprint[:24]}-{count}x{seq_len}-seed{seed}.pt" if folder is not None else None
+        name = f"{fingerprint[:24]}-{count}x{seq_len}-seed{seed}{'-' + tag if tag else ''}.pt"
+        path = folder / name if folder is not None else None
         if path is not None and path.is_file():
             return torch.load(path, weights_only=True)
         LOG.warning("self_calibration: sampling %d windows of %d tokens from the model", count, seq_len)
