@@ -11,6 +11,7 @@ import moemerge
 from moemerge.calibrate import CalibrationSettings, calibration_windows
 from moemerge.calibrate.self_text import cached_sampler, sample_windows, start_token
 from moemerge.errors import MoemergeError
+from moemerge.families import FAMILIES
 from moemerge.loading import load_model
 from moemerge.recommend import held_out_windows
 
@@ -160,3 +161,10 @@ def test_sampling_cost_estimate_scales_and_warns_at_real_sizes(model_dirs, caplo
     with caplog.at_level("WARNING"):
         validate_for_model(recipe, source)  # a tiny model: no warning
     assert "self_calibration" not in caplog.text
+
+
+@pytest.mark.parametrize("family", FAMILIES.names())
+def test_every_family_samples_whole_windows(family):
+    """``generate`` with the cache of each family (sliding windows, linear attention, MLA...) runs to full length."""
+    wins = sample_windows(make_model(family, vocab_size=300), start=1, count=3, seq_len=12, seed=0, batch_size=2)
+    assert wins.shape == (3, 12) and (wins[:, 0] == 1).all()
