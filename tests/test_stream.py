@@ -211,7 +211,9 @@ def test_killed_run_resumes_from_the_cached_layers(tmp_path):
             "--ppl", "none", "-q", "--dtype", "float32"]
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
-    while time.time() < deadline and not list(cache.glob("stats/*/layer-0/*.safetensors")):
+    # meta.json is written once layer 0's last statistic is: waiting for the first statistic's file alone raced
+    # with the kill (layer 0 half cached, so recomputed and not listed as from the cache)
+    while time.time() < deadline and not list(cache.glob("stats/*/meta.json")):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
