@@ -14,12 +14,10 @@ import resource
 import time
 
 import torch
+from common import model_and_windows
 
-from moemerge import zoo
 from moemerge.calibrate import CalibrationSettings
-from moemerge.data import load_text, tokenize, windows
 from moemerge.families import moe_layers
-from moemerge.loading import load_model
 from moemerge.pipeline import calibrate
 
 STAT_SETS = {
@@ -47,11 +45,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
-    torch.set_num_threads(2)
-    path = str(zoo.model_path(args.model)) if args.model in zoo.MODELS else args.model
-    loaded = load_model(path, dtype="float32", device="cpu")
+    loaded, wins = model_and_windows(args.model, args.windows, args.seq_len)
     model = loaded.model
-    wins = windows(tokenize(loaded.tokenizer, load_text("bundled:validation")), args.seq_len, args.windows, seed=0)
     tokens = wins.numel()
     layers = moe_layers(model)
 

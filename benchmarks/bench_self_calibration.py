@@ -17,12 +17,10 @@ import resource
 import time
 
 import torch
+from common import model_and_windows
 
-from moemerge import zoo
 from moemerge.calibrate.self_text import sample_windows, sampling_seconds, start_token
-from moemerge.data import load_text, tokenize, windows
 from moemerge.families import family_of, moe_layers
-from moemerge.loading import load_model
 
 
 def rss_gib() -> float:
@@ -36,11 +34,8 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=8)
     args = ap.parse_args()
-    torch.set_num_threads(2)
-    path = str(zoo.model_path(args.model)) if args.model in zoo.MODELS else args.model
-    loaded = load_model(path, dtype="float32", device="cpu")
+    loaded, wins = model_and_windows(args.model, args.windows, args.seq_len)
     model = loaded.model
-    wins = windows(tokenize(loaded.tokenizer, load_text("bundled:validation")), args.seq_len, args.windows, seed=0)
     tokens = wins.numel()
 
     rss0 = rss_gib()
