@@ -168,3 +168,15 @@ def test_every_family_samples_whole_windows(family):
     """``generate`` with the cache of each family (sliding windows, linear attention, MLA...) runs to full length."""
     wins = sample_windows(make_model(family, vocab_size=300), start=1, count=3, seq_len=12, seed=0, batch_size=2)
     assert wins.shape == (3, 12) and (wins[:, 0] == 1).all()
+
+
+def test_the_calibrate_api_samples_from_the_model_in_memory(tokenizer, text_file):
+    from moemerge.loading import LoadedModel, fingerprint
+    from moemerge.pipeline import calibrate
+
+    model = make_model("qwen2_moe", vocab_size=len(tokenizer))
+    loaded = LoadedModel(model, tokenizer, "in-memory", None, fingerprint(model, None, "in-memory"))
+    settings = CalibrationSettings(str(text_file), n_sentences=4, seq_len=16, use_cache=False, self_calibration=0.5)
+    stats = calibrate(loaded, settings, ["frequency"], progress=False)
+    assert stats.meta["windows"] == [4, 16]
+    assert stats.meta["calibration"].endswith("+ 2 windows sampled from the model (temperature 1, seed 0)")
