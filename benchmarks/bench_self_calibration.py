@@ -19,8 +19,10 @@ import time
 import torch
 from common import model_and_windows
 
-from moemerge.calibrate.self_text import sample_windows, sampling_seconds, start_token
-from moemerge.families import family_of, moe_layers
+from moemerge import Recipe
+from moemerge.calibrate.self_text import sample_windows, start_token
+from moemerge.execute.source import ModelSource
+from moemerge.pipeline import self_calibration_time
 
 
 def rss_gib() -> float:
@@ -52,12 +54,10 @@ def main() -> None:
     sample = time.perf_counter() - t0
     rss_sample = rss_gib() - rss0
 
-    spec = family_of(model.config)
-    total = sum(p.numel() for p in model.parameters())
-    experts = sum(t.numel() for layer in moe_layers(model) for t in layer.expert_weights())
-    num_experts = max(layer.num_experts for layer in moe_layers(model))
-    active = total - experts + experts * spec.top_k(model.config) // num_experts
-    estimate = sampling_seconds(args.windows, args.seq_len, active, total * 4, "cpu", args.batch_size)
+    # the estimate `moemerge merge` warns with, for these windows (all sampled) on this model
+    recipe = Recipe(n_sentences=args.windows, self_calibration=1.0, seq_len=args.seq_len,
+                    eval_batch_size=args.batch_size, device="cpu")
+    estimate = self_calibration_time(recipe, ModelSource(model))
 
     print(f"{args.model}: {args.windows} windows x {args.seq_len} tokens ({tokens} tokens), batch {args.batch_size}")
     print(f"{'':28s} {'tokens/s':>10s} {'seconds':>9s} {'peak RSS +GiB':>14s} {'x forward':>10s}")

@@ -153,10 +153,10 @@ def self_calibration_time(recipe: Recipe, source: LayerSource) -> float:
     from .calibrate.self_text import sampling_seconds
 
     settings = calibration_settings(recipe, source.config)
-    params = [p for p in source.model.parameters()]
+    params, views = list(source.model.parameters()), source.moe_views()
     total = sum(p.numel() for p in params)
-    experts = sum(t.numel() for v in source.moe_views() for t in v.expert_weights())
-    num_experts = max((v.num_experts for v in source.moe_views()), default=1)
+    experts = sum(t.numel() for v in views for t in v.expert_weights())
+    num_experts = max((v.num_experts for v in views), default=1)
     active = total - experts + experts * source.family.top_k(source.config) // num_experts
     size = max((p.element_size() for p in params if p.is_floating_point()), default=2)
     return sampling_seconds(settings.self_windows, settings.seq_len, active, total * size,
