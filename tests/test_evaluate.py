@@ -120,9 +120,11 @@ def test_eval_perplexity_equals_transformers_loss(model_dirs, text_file, tmp_pat
     tok = AutoTokenizer.from_pretrained(model_dirs["mixtral"])
     src = load_text(str(text_file))
     ids = tok(src.separator.join(src.docs), add_special_tokens=False)["input_ids"]
+    total = len(ids) // 32
     losses = []
     with torch.no_grad():
-        for w in range(6):  # the first 6 non-overlapping windows of 32 tokens, each scored on its own
+        for j in range(6):  # 6 of the non-overlapping windows of 32 tokens, evenly spaced, each scored on its own
+            w = j * total // 6
             window = torch.tensor([ids[w * 32:(w + 1) * 32]])
             losses.append(model(input_ids=window, labels=window).loss.item())
     direct = math.exp(sum(losses) / len(losses))  # equal-length windows: mean of means = mean over all tokens
@@ -193,3 +195,12 @@ def test_merge_writes_eval_json_and_report_with_pictures(model_dirs, text_file, 
                     "## Timings"):
         assert heading in text
     assert "num_average_groups: 4" in text
+
+
+def test_spread_windows_cover_the_whole_text():
+    from moemerge.evaluate import spread_windows
+
+    w = torch.arange(20).view(10, 2)
+    assert spread_windows(w, None) is w and spread_windows(w, 10) is w and spread_windows(w, 12) is w
+    picked = spread_windows(w, 4)[:, 0] // 2
+    assert picked.tolist() == [0, 2, 5, 7]  # from the first, evenly spaced, reaching the last part

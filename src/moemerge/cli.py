@@ -219,7 +219,7 @@ def merge(model: str | None, output: str | None, recipe_file: str | None, quiet:
 @click.option("--seq-len", "--seq_len", "seq_len", type=int, default=None,
               help="Tokens per non-overlapping window  [default: the model's max positions, at most 2048].")
 @click.option("--ppl-windows", "--ppl_windows", "ppl_windows", type=int, default=None,
-              help="Only the first N windows of each text.")
+              help="Only N windows of each text, evenly spaced over it.")
 @click.option("--eval-batch-size", "--eval_batch_size", "batch_size", type=int, default=8, show_default=True,
               help="Windows (or lm-eval requests) per forward pass.")
 @click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float32", "float16"]), default="auto")

@@ -140,11 +140,13 @@ def check_fits_whole(folder: Path, device: torch.device, device_map: str | None)
 BLOCK_FIT_WARN_S = 600
 
 
-def block_fit_time(recipe: Recipe, layers, top_k: int) -> float:
-    """Estimated seconds of the recipe's block fit over the MoE ``layers`` (views) on its device."""
-    from .save.router_refit import block_fit_seconds
+def block_fit_time(recipe: Recipe, layers, top_k: int, config) -> float:
+    """Estimated seconds of the recipe's block fit over the MoE ``layers`` (views) on its device, on the refit sample
+    its calibration windows give (at most :data:`~moemerge.save.router_refit.MAX_TOKENS` tokens)."""
+    from .save.router_refit import MAX_TOKENS, block_fit_seconds
 
-    return block_fit_seconds(recipe.block_fit_steps, layers, top_k, resolve_device(recipe.device),
+    tokens = min(MAX_TOKENS, recipe.n_sentences * window_length(config, recipe.seq_len)[0])
+    return block_fit_seconds(recipe.block_fit_steps, layers, top_k, resolve_device(recipe.device), tokens=tokens,
                              held_out=recipe.fit_held_out)
 
 
@@ -197,7 +199,7 @@ def validate_for_model(recipe: Recipe, source: LayerSource) -> None:
         raise MoemergeError("router=collapse needs every MoE layer merged to one count; start_layer leaves "
                             "earlier layers with all experts (use --router keep)")
     if recipe.router_fit and recipe.block_fit_steps:
-        seconds = block_fit_time(recipe, layers, top_k)
+        seconds = block_fit_time(recipe, layers, top_k, config)
         if seconds > BLOCK_FIT_WARN_S:
             LOG.warning("block_fit_steps=%d: about %s of Adam steps on %s for %d MoE layers (a GPU makes it minutes)",
                         recipe.block_fit_steps, human_duration(seconds), resolve_device(recipe.device), len(layers))
@@ -240,6 +242,7 @@ def job_for(recipe: Recipe, tokenizer, config, fp: str, progress: bool, ranks: R
         key = cache_key(fp, wins)  # the whole job's windows, whatever the number of ranks
         job.windows = ranks.share(wins)
         job.window_offset = ranks.offset(len(wins))  # global window indices: held-out splits ignore the ranks
+        job.num_windows = len(wins)
         job.meta = {"model": recipe.model_path, "model_fingerprint": fp, "calibration": description,
                     "windows": list(wins.shape), "cache_key": key, "sequential": recipe.sequential}
         job.cache = StatsCache(cache_root(), key) if settings.use_cache else None

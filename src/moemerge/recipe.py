@@ -142,7 +142,8 @@ class Recipe(BaseModel):
     ppl: list[str] | None = Field(
         None, description="Perplexity texts (files, bundled:test, wikitext2, ptb, c4); default bundled:test "
                           "offline, wikitext2 online; 'none' skips.")
-    ppl_windows: int | None = Field(None, ge=1, description="Evaluate only the first N windows of each text.")
+    ppl_windows: int | None = Field(None, ge=1,
+                                    description="Evaluate only N windows of each text, evenly spaced over it.")
     eval_seq_len: int | None = Field(None, ge=2, description="Window length for perplexity (default: seq_len).")
     eval_batch_size: int = Field(8, ge=1, description="Batch size for evaluation.")
     task: str | None = Field(None, description="Comma-separated lm-eval tasks to run on the merged model.")

@@ -243,7 +243,7 @@ def score_trial(ckpt, trial: Trial, held: torch.Tensor, progress: bool = False,
     try:
         if block_fit_limit is not None and recipe.router_fit and recipe.block_fit_steps:  # before its warning
             seconds = block_fit_time(recipe, merged_layers(source.moe_views(), recipe.start_layer),
-                                     source.family.top_k(source.config))
+                                     source.family.top_k(source.config), source.config)
             if seconds > block_fit_limit:
                 raise MoemergeError(f"block fit would take about {human_duration(seconds)} on "
                                     f"{resolve_device(recipe.device)}; name it in --candidates to run it")

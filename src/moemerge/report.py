@@ -19,7 +19,7 @@ def print_summary(result, console: Console | None = None) -> None:
         runs = "statistics from the cache, no calibration pass" if meta.get("model_runs") == 0 else "one forward pass"
         console.print(f"calibration: {meta.get('calibration')} — {meta.get('windows')} windows ({runs})")
     if result.ppl_before and r.eval_seq_len:
-        first = f"the first {r.ppl_windows} " if r.ppl_windows else ""
+        first = f"{r.ppl_windows} evenly spaced " if r.ppl_windows else ""
         console.print(f"evaluation: {first}windows of {r.eval_seq_len} tokens of {', '.join(result.ppl_before)}")
     if result.plan is not None:
         console.print(f"experts per MoE layer: {list(result.plan.counts().values())}")

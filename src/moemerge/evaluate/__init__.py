@@ -41,13 +41,24 @@ def window_length(config, requested: int | None = None) -> tuple[int, str | None
 
 
 def eval_texts(tokenizer, sources: list[str], seq_len: int, max_windows: int | None = None) -> list[EvalText]:
-    """Tokenize each source once into non-overlapping windows (the first ``max_windows`` when given)."""
+    """Tokenize each source once into non-overlapping windows (``max_windows`` of them when given, evenly spaced
+    over the text: :func:`spread_windows`)."""
     out = []
     for spec in sources:
         src = load_text(spec)
         w = windows(tokenize(tokenizer, src), seq_len, what=f"evaluation text {spec!r}")
-        out.append(EvalText(spec, src.description, w[:max_windows] if max_windows else w))
+        out.append(EvalText(spec, src.description, spread_windows(w, max_windows)))
     return out
+
+
+def spread_windows(windows: torch.Tensor, count: int | None) -> torch.Tensor:
+    """``count`` of ``windows [N, S]`` evenly spaced from the first (all of them for None or ``count ≥ N``): the first
+    ``count`` of a text made of parts (a corpus of several domains, a file of several books) would score its first
+    part only."""
+    n = windows.shape[0]
+    if not count or count >= n:
+        return windows
+    return windows[(torch.arange(count) * n) // count]
 
 
 def perplexities(model: nn.Module, texts: list[EvalText], batch_size: int = 8, progress: bool = True

@@ -160,6 +160,7 @@ class Job:
     passes_only: bool = False  # run the merge method's plan-aware passes into the statistics, merge nothing
     ranks: Ranks = SINGLE  # a distributed job: ``windows`` and ``eval_windows`` are this rank's share
     window_offset: int = 0  # index of ``windows[0]`` among the whole job's calibration windows
+    num_windows: int | None = None  # the whole job's calibration windows (every rank's); None: len(windows)
 
 
 def execute(source: LayerSource, recipe: Recipe, job: Job) -> Outcome:
@@ -454,7 +455,7 @@ class _Walk:
                 calib_out = calib.through(layer, i)
         sample = None
         if recipe.router_fit:
-            sample = RoutedOutputSample(view, held_out=recipe.fit_held_out)
+            sample = RoutedOutputSample(view, held_out=recipe.fit_held_out, total_tokens=self._calibration_tokens())
             if student is None:
                 run([sample], until=sample.full)
             else:
@@ -490,7 +491,7 @@ class _Walk:
                                        reduce=False)
         width = teacher_out[0].shape[-1]
         gap = torch.cat([(t - s).reshape(-1, width).float().cpu() for t, s in zip(teacher_out, student_out)])
-        sample.add_to_target(gap[:sample.count])
+        sample.add_to_target(gap[sample.kept_positions()])
         self._reduce([sample])  # the ranks' shares, each with its own correction
 
     def _same_refit_on_every_rank(self, view, i: int) -> None:
@@ -501,6 +502,14 @@ class _Walk:
         theirs, self.router_fit[i] = self.job.ranks.broadcast(([t.cpu() for t in mine], self.router_fit[i]))
         for dst, src in zip(mine, theirs):
             dst.copy_(src)
+
+    def _calibration_tokens(self) -> int | None:
+        """Tokens in the whole job's calibration windows (every rank's)."""
+        windows = self.job.windows
+        if windows is None:
+            return None
+        count = self.job.num_windows if self.job.num_windows is not None else len(windows)
+        return count * int(windows.shape[1])
 
     def _num_slots(self) -> int:
         if self.plan is not None:
