@@ -24,6 +24,7 @@ from moemerge.save.router_refit import (
     routed_from,
     routed_target,
     sample_tokens,
+    spread_tokens,
 )
 
 from conftest import make_model
@@ -83,24 +84,66 @@ def test_refit_of_an_unmerged_layer_changes_nothing(block):
     assert all(torch.equal(a, b) for a, b in zip(before, (layer.router_weight, *layer.expert_weights())))
 
 
+def _batch(windows: int, length: int, hidden_size: int, num_experts: int):
+    class Batch:  # routed to expert 0
+        num_tokens = windows * length
+        hidden = torch.randn(windows * length, hidden_size)
+
+        @staticmethod
+        def routed_weights():
+            return torch.nn.functional.one_hot(torch.zeros(windows * length, dtype=torch.long), num_experts).T.float()
+
+    return Batch
+
+
+@settings(max_examples=30, deadline=None)
+@given(windows=st.integers(1, 12), length=st.integers(1, 40), split=st.integers(0, 12),
+       share=st.floats(0.01, 1.0))
+def test_spread_tokens_are_even_and_the_same_however_the_windows_are_batched(windows, length, split, share):
+    ids = torch.arange(windows)
+    whole = spread_tokens(ids, windows * length, share)
+    split = min(split, windows)
+    parts = torch.cat([spread_tokens(ids[:split], split * length, share) if split else torch.zeros(0, dtype=bool),
+                       spread_tokens(ids[split:], (windows - split) * length, share)])
+    assert torch.equal(whole, parts)  # batches (and ranks) see the job's token indices, not their own
+    total = windows * length
+    assert abs(int(whole.sum()) - total * share) <= 1
+    gaps = whole.nonzero().squeeze(1).diff()
+    if share < 1 and gaps.numel():
+        assert int(gaps.max()) <= int(1 / share) + 1  # evenly spaced, never a run of skipped windows
+
+
+def test_sample_spreads_over_every_window_and_holds_some_out_of_long_windows():
+    """At seq_len 2048 the first 4096 tokens were two windows, none held out: spread, 8 windows of 512 tokens kept
+    at a quarter give tokens of all 8, whole windows held out."""
+    model = make_model("mixtral")
+    layer = moe_layers(model)[0]
+    sample = RoutedOutputSample(layer, max_tokens=1024, held_out=0.25, total_tokens=8 * 512)
+    batch = _batch(8, 512, model.config.hidden_size, 8)
+    for first in (0, 4):  # two batches of 4 windows
+        sample.start_batch(torch.arange(first, first + 4))
+        part = _batch(4, 512, model.config.hidden_size, 8)
+        part.hidden = batch.hidden[first * 512:(first + 4) * 512]
+        sample.update(part)
+    hidden, target, held = sample.result()
+    assert sample.count == 1024 and sample.full()
+    positions = sample.kept_positions()
+    assert torch.equal(hidden, batch.hidden[positions])
+    assert sorted(set((positions // 512).tolist())) == list(range(8))
+    assert torch.equal(held, (positions // 512 % 4 == 3))
+    assert torch.allclose(target, layer.run_experts(hidden)[0])
+
+
 def test_sample_holds_out_whole_windows():
     model = make_model("mixtral")
     layer = moe_layers(model)[0]
     sample = RoutedOutputSample(layer, max_tokens=10_000, held_out=0.25)
-
-    class Batch:  # 8 windows of 5 tokens, routed to expert 0
-        num_tokens = 40
-        hidden = torch.randn(40, model.config.hidden_size)
-
-        @staticmethod
-        def routed_weights():
-            return torch.nn.functional.one_hot(torch.zeros(40, dtype=torch.long), 8).T.float()
-
+    batch = _batch(8, 5, model.config.hidden_size, 8)  # 8 windows of 5 tokens
     sample.start_batch(torch.arange(8))
-    sample.update(Batch)
+    sample.update(batch)
     _, target, held = sample.result()
     assert held.view(8, 5).all(1).tolist() == [False, False, False, True] * 2  # every 4th window, whole
-    assert torch.allclose(target, layer.run_experts(Batch.hidden)[0])
+    assert torch.allclose(target, layer.run_experts(batch.hidden)[0])
 
 
 @pytest.mark.parametrize("family,fmt,block,feedback", [
