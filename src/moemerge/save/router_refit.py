@@ -78,8 +78,9 @@ from ..merge.fit import DAMP, DAMP_GRID, WindowAware, held_out_tokens
 LOG = logging.getLogger(__name__)
 
 #: Largest refit sample, spread over all calibration windows (:func:`spread_tokens`). Measured (tiny-mixtral,
-#: ``moemerge`` + block fit, 62.5 % fewer experts, 128 × 256 calibration windows): 4096 tokens taken from the first
-#: windows ×1.363 (one domain of three), spread over all windows 8192 ×1.074, 16384 ×1.067.
+#: ``moemerge`` + block fit, 62.5 % fewer experts, scored on all three bundled domains): 32 × 256 calibration
+#: windows, the first 4096 tokens ×1.138, all 8192 ×1.098; 128 × 256 windows, the first 4096 tokens (one domain of
+#: three) ×1.363, 16384 spread over all ×1.067.
 MAX_TOKENS = 16384
 #: Budget of the merged experts' outputs on the sample and their fitted part (``≈ 2·G·T·H`` fp32): a layer with many
 #: or wide experts samples fewer tokens (DeepSeek-V3's 256 × 7168 would otherwise need ~30 GiB at 4096 tokens).
