@@ -10,11 +10,10 @@ the same run (best of ``--repeat`` runs each, to damp the noise of a shared 2-co
 from __future__ import annotations
 
 import argparse
-import resource
 import time
 
 import torch
-from common import model_and_windows
+from common import model_and_windows, peak_rss_bytes
 
 from moemerge.calibrate import CalibrationSettings
 from moemerge.families import moe_layers
@@ -57,7 +56,7 @@ def main() -> None:
 
     plain()  # warm-up
     base = best_of(plain, args.repeat)
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss0 = peak_rss_bytes()
     print(f"model {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
           f"{len(layers)} MoE layers, {tokens} tokens ({len(wins)} × {args.seq_len}), batch {args.batch_size}")
     print(f"{'pass':<52} {'seconds':>8} {'tokens/s':>10} {'speed':>7} {'peak RSS +MB':>13}")
@@ -66,7 +65,7 @@ def main() -> None:
                                    use_cache=False)
     for label, names in STAT_SETS.items():
         t = best_of(lambda names=names: calibrate(loaded, settings, names, progress=False), args.repeat)
-        rss = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
+        rss = (peak_rss_bytes() - rss0) / 2**20
         print(f"{label:<52} {t:8.3f} {tokens / t:10.0f} {base / t:7.2f} {rss:13.0f}")
 
 

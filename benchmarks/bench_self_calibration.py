@@ -13,11 +13,10 @@ than a forward pass over the same tokens, and more still where the weights do no
 from __future__ import annotations
 
 import argparse
-import resource
 import time
 
 import torch
-from common import model_and_windows
+from common import model_and_windows, peak_rss_bytes
 
 from moemerge import Recipe
 from moemerge.calibrate.self_text import sample_windows, start_token
@@ -26,7 +25,7 @@ from moemerge.pipeline import self_calibration_time
 
 
 def rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return peak_rss_bytes() / 2**30
 
 
 def main() -> None:

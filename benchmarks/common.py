@@ -3,6 +3,8 @@ windows of the bundled validation text."""
 
 from __future__ import annotations
 
+import resource
+
 import torch
 
 from moemerge import zoo
@@ -18,3 +20,8 @@ def model_and_windows(model: str, count: int, seq_len: int) -> tuple[LoadedModel
     loaded = load_model(path, dtype="float32", device="cpu")
     wins = windows(tokenize(loaded.tokenizer, load_text("bundled:validation")), seq_len, count, seed=0)
     return loaded, wins
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process so far (``ru_maxrss`` is in KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -121,11 +121,17 @@ def fit_objective(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Te
     return float((w @ a.to(torch.float64) * w).sum() - 2 * (w * b.to(torch.float64)).sum() + c)
 
 
-def held_out_windows(index: torch.Tensor, share: float) -> torch.Tensor:
-    """Whether each window (by its index among the whole job's windows) is held out: ``⌊(g+1)p⌋ > ⌊g p⌋`` holds out
-    ``⌊N p⌋`` of the first ``N`` windows, spread evenly (every 4th for ``p = ¼``)."""
+def even_share(index: torch.Tensor, share: float) -> torch.Tensor:
+    """Whether each item (by its index ``g`` among the whole job's) is in an evenly spaced ``share`` of them:
+    ``⌊(g+1)p⌋ > ⌊g p⌋`` picks ``⌊N p⌋`` of the first ``N`` (every 4th for ``p = ¼``), whatever the split into ranks
+    and batches."""
     g = index.to(torch.float64)
     return torch.floor((g + 1) * share) > torch.floor(g * share)
+
+
+def held_out_windows(index: torch.Tensor, share: float) -> torch.Tensor:
+    """Whether each window (by its index among the whole job's windows) is held out: :func:`even_share`."""
+    return even_share(index, share)
 
 
 def held_out_tokens(windows: torch.Tensor | None, num_tokens: int, share: float,

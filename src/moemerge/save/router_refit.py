@@ -73,7 +73,7 @@ import torch
 
 from ..errors import MoemergeError
 from ..families import MoeLayer, Routing, expert_intermediate
-from ..merge.fit import DAMP, DAMP_GRID, WindowAware, held_out_tokens
+from ..merge.fit import DAMP, DAMP_GRID, WindowAware, even_share, held_out_tokens
 
 LOG = logging.getLogger(__name__)
 
@@ -108,13 +108,13 @@ THROUGHPUT = {"cpu": 2e10, "cuda": 2e13}
 
 def spread_tokens(windows: torch.Tensor | None, num_tokens: int, share: float) -> torch.Tensor:
     """``[T]`` bool: a batch's tokens that an even ``share`` of all calibration tokens keeps — token ``g`` of the
-    job (window index × window length + position) is kept when ``⌊(g+1)s⌋ > ⌊g s⌋``, so every window, on any number
-    of ranks, gives the same evenly spaced tokens. All True for ``share`` 1 or without window indices."""
+    job (window index × window length + position) is kept by :func:`~moemerge.merge.fit.even_share`, so every window,
+    on any number of ranks, gives the same evenly spaced tokens. All True for ``share`` 1 or without window
+    indices."""
     if share >= 1 or windows is None or len(windows) == 0 or num_tokens % len(windows):
         return torch.ones(num_tokens, dtype=torch.bool)
     length = num_tokens // len(windows)
-    g = (windows.to(torch.float64)[:, None] * length + torch.arange(length, dtype=torch.float64)).reshape(-1)
-    return torch.floor((g + 1) * share) > torch.floor(g * share)
+    return even_share((windows[:, None] * length + torch.arange(length)).reshape(-1), share)
 
 
 def sample_tokens(max_tokens: int, num_experts: int, hidden_size: int, budget: int | None = None,
