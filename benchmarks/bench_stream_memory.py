@@ -131,24 +131,22 @@ def merge_settings(merge_args: list[str], max_positions: int, checkpoint_dtype: 
     parser.add_argument("--seq-len", "--seq_len", dest="seq_len", type=int, default=None)
     parser.add_argument("--dtype", default="auto")
     known, _ = parser.parse_known_args(merge_args)
-    n_sentences = known.n_sentences if known.n_sentences is not None else _recipe_default("n_sentences", 32)
     seq_len = known.seq_len if known.seq_len is not None else min(2048, max_positions)
+    n_sentences = known.n_sentences if known.n_sentences is not None else _default_windows(seq_len)
     dtype = checkpoint_dtype if known.dtype == "auto" else known.dtype
     if dtype not in ELEMENT_BYTES:
         raise ValueError(f"unknown --dtype {dtype!r} in the merge arguments")
     return MergeSettings(n_sentences=int(n_sentences), seq_len=int(seq_len), dtype=dtype)
 
 
-def _recipe_default(field: str, fallback: int) -> int:
-    """A default of the merge recipe, or ``fallback`` if the recipe cannot be imported."""
+def _default_windows(seq_len: int) -> int:
+    """The recipe's default window count for ``seq_len`` (32, more for short windows)."""
     try:
-        from moemerge.recipe import Recipe
-
-        default = Recipe.model_fields[field].default
-        return int(default) if default is not None else fallback
-    # the bound is an estimate: fall back to a default if the package cannot tell
-    except (ImportError, AttributeError, KeyError, TypeError, ValueError):
-        return fallback
+        from moemerge.calibrate import default_window_count
+    # the bound is an estimate: the same rule by hand if the package cannot be imported
+    except ImportError:
+        return max(32, -(-32 * 2048 // seq_len))
+    return default_window_count(seq_len)
 
 
 def memory_bound(plan: CheckpointPlan, settings: MergeSettings) -> int:

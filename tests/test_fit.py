@@ -257,3 +257,21 @@ def test_few_calibration_tokens_for_a_fit_are_warned_once(caplog):
             _warn_few_tokens(windows, seq_len)
     said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("calibration:")]
     assert len(said) == 1 and "8192 tokens" in said[0] and "--n-sentences 256" in said[0]
+
+
+def test_default_calibration_holds_hc_smoe_tokens():
+    """Unset, n_sentences is 32 windows of 2048 or more shorter windows holding the same 65,536 tokens; an explicit
+    count is kept, and the resolved recipe (merge_info.json) records the count used."""
+    from types import SimpleNamespace
+
+    from moemerge.calibrate import CALIBRATION_TOKENS, default_window_count
+    from moemerge.pipeline import calibration_settings, resolved
+
+    assert default_window_count(2048) == default_window_count(4096) == 32
+    assert default_window_count(256) == 256 and default_window_count(1000) == 66
+    assert all(default_window_count(s) * s >= CALIBRATION_TOKENS for s in (2, 100, 257, 2047))
+    config = SimpleNamespace(max_position_embeddings=256)
+    assert calibration_settings(moemerge.Recipe(), config).n_sentences == 256
+    assert calibration_settings(moemerge.Recipe(n_sentences=8), config).n_sentences == 8
+    recipe = resolved(moemerge.Recipe(calibration="bundled"), config)
+    assert (recipe.n_sentences, recipe.seq_len) == (256, 256)

@@ -354,7 +354,7 @@ def demo(model_name: str | None, output: str | None, groups: int | None, router:
         experts = config.get("num_local_experts") or config.get("num_experts")
         recipe = Recipe.load(recipe_name, model_path=str(path), output_path=out, calibration="bundled",
                              num_average_groups=groups or max(experts // 2, config["num_experts_per_tok"]),
-                             n_sentences=32, seq_len=256, ppl=["bundled:test"], ppl_windows=64, router=router,
+                             seq_len=256, ppl=["bundled:test"], ppl_windows=64, router=router,
                              overwrite=overwrite)
         from .pipeline import run
 

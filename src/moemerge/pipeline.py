@@ -18,7 +18,14 @@ from pathlib import Path
 
 import torch
 
-from .calibrate import CalibrationSettings, Sampler, Stats, calibration_windows
+from .calibrate import (
+    CALIBRATION_TOKENS,
+    CalibrationSettings,
+    Sampler,
+    Stats,
+    calibration_windows,
+    default_window_count,
+)
 from .calibrate.cache import StatsCache, cache_key, versions
 from .calibrate.ranks import SINGLE, Ranks, from_environment
 from .data import load_text
@@ -92,8 +99,9 @@ def calibration_settings(recipe: Recipe, config) -> CalibrationSettings:
     seq_len, capped = window_length(config, recipe.seq_len)
     if capped:  # a recipe's window is an input: refused, where `eval` would cap it with a note
         raise MoemergeError(f"seq_len={recipe.seq_len} exceeds the model's max_position_embeddings ({seq_len})")
-    return CalibrationSettings(recipe.calibration, recipe.n_sentences, seq_len, recipe.train_batch_size,
-                               recipe.seed, recipe.cache, recipe.self_calibration)
+    windows = recipe.n_sentences or default_window_count(seq_len)
+    return CalibrationSettings(recipe.calibration, windows, seq_len, recipe.train_batch_size, recipe.seed,
+                               recipe.cache, recipe.self_calibration)
 
 
 def self_sampler(recipe: Recipe, tokenizer, fp: str, folder: Path | None, dtype: torch.dtype | None = None,
@@ -146,7 +154,8 @@ def block_fit_time(recipe: Recipe, layers, top_k: int, config) -> float:
     its calibration windows give (at most :data:`~moemerge.save.router_refit.MAX_TOKENS` tokens)."""
     from .save.router_refit import MAX_TOKENS, block_fit_seconds
 
-    tokens = min(MAX_TOKENS, recipe.n_sentences * window_length(config, recipe.seq_len)[0])
+    settings = calibration_settings(recipe, config)
+    tokens = min(MAX_TOKENS, settings.n_sentences * settings.seq_len)
     return block_fit_seconds(recipe.block_fit_steps, layers, top_k, resolve_device(recipe.device), tokens=tokens,
                              held_out=recipe.fit_held_out)
 
@@ -170,20 +179,13 @@ def human_duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
 
 
-#: Calibration tokens below which the fitted merges are warned to be short of data: HC-SMoE's 32 windows of 2048.
-#: On a model of 256 positions the default 32 windows are 8192 tokens; measured on tiny-mixtral (``moemerge`` +
-#: block fit, scored on all three bundled domains) 32 → 128 windows of 256 gave ×1.098 → ×1.067 at 62.5 % fewer
-#: experts and ×1.319 → ×1.234 at 75 %.
-FIT_TOKENS = 32 * 2048
-
-
 @functools.cache
 def _warn_few_tokens(windows: int, seq_len: int) -> None:
     """Once per process and size (``recommend`` validates every candidate)."""
-    if windows * seq_len < FIT_TOKENS:
+    if windows * seq_len < CALIBRATION_TOKENS:
         LOG.warning("calibration: %d windows × %d tokens = %d tokens; the fitted merges learn from them and do "
                     "better with more (%d, HC-SMoE's 32 × 2048: --n-sentences %d)", windows, seq_len,
-                    windows * seq_len, FIT_TOKENS, -(-FIT_TOKENS // seq_len))
+                    windows * seq_len, CALIBRATION_TOKENS, default_window_count(seq_len))
 
 
 def validate_for_model(recipe: Recipe, source: LayerSource) -> None:
@@ -221,7 +223,8 @@ def validate_for_model(recipe: Recipe, source: LayerSource) -> None:
             LOG.warning("block_fit_steps=%d: about %s of Adam steps on %s for %d MoE layers (a GPU makes it minutes)",
                         recipe.block_fit_steps, human_duration(seconds), resolve_device(recipe.device), len(layers))
     if recipe.merge == "fit" or recipe.router_fit:
-        _warn_few_tokens(recipe.n_sentences, window_length(config, recipe.seq_len)[0])
+        settings = calibration_settings(recipe, config)
+        _warn_few_tokens(settings.n_sentences, settings.seq_len)
     if recipe.self_calibration:
         seconds = self_calibration_time(recipe, source)
         if seconds > BLOCK_FIT_WARN_S:
@@ -326,7 +329,8 @@ def resolved(recipe: Recipe, config) -> Recipe:
     window length actually used), so that rerunning it reproduces the checkpoint."""
     from .data import default_calibration
 
-    update: dict = {"seq_len": calibration_settings(recipe, config).seq_len}
+    settings = calibration_settings(recipe, config)
+    update: dict = {"seq_len": settings.seq_len, "n_sentences": settings.n_sentences}
     if recipe.calibration is None:
         update["calibration"] = default_calibration()
     elif Path(recipe.calibration).expanduser().exists():

@@ -62,7 +62,9 @@ class Recipe(BaseModel):
     calibration: str | None = Field(
         None, description="Calibration text: .jsonl/.txt file or folder, bundled[:split], c4, wikitext2 "
                           "(default: c4 online, bundled offline).")
-    n_sentences: int = Field(32, ge=1, description="Number of calibration windows of seq_len tokens.")
+    n_sentences: int | None = Field(
+        None, ge=1, description="Number of calibration windows of seq_len tokens (default: 32, or more when windows "
+                                "are shorter than 2048 tokens, so that they hold HC-SMoE's 65,536 tokens).")
     seq_len: int | None = Field(
         None, ge=2, description="Tokens per calibration window (default: min(2048, model's max positions)).")
     self_calibration: float = Field(

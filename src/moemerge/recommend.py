@@ -164,11 +164,11 @@ def held_out_windows(tokenizer, config, base: Recipe) -> tuple[int, torch.Tensor
     from .calibrate import calibration_windows
     from .pipeline import calibration_settings
 
-    n = base.n_sentences
+    settings = calibration_settings(base, config)
+    n = settings.n_sentences
     held = math.ceil(n / 4)
     if n < 2:
         raise MoemergeError("recommend needs n_sentences >= 2 (a quarter of them is held out)")
-    settings = calibration_settings(base, config)
     settings.self_calibration = 0.0  # held out from the user's text: the text the recipe must do well on
     every, _ = calibration_windows(tokenizer, settings)  # the sampler's windows for N, a superset of those for N - held
     settings.n_sentences = n - held
