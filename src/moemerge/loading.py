@@ -47,6 +47,17 @@ def resolve_device(name: str | None) -> str:
     return name
 
 
+#: Sustained fp32 throughput (flop/s) the time estimates assume (block fit, self-calibration sampling): ~5.5e10
+#: measured on the bundled tiny-mixtral and ~1.8e10 at Qwen1.5-MoE's shapes on the 2-core CI machine
+#: (``benchmarks/bench_router_fit.py``), the lower kept; CUDA: a data-centre GPU's fp32 rate.
+FLOPS = {"cpu": 2e10, "cuda": 2e13}
+
+
+def device_flops(device: str) -> float:
+    """:data:`FLOPS` for ``device`` (``cuda``, ``cuda:N`` or anything else, counted as CPU)."""
+    return FLOPS["cuda" if str(device).startswith("cuda") else "cpu"]
+
+
 def ships_moemerge_code(config_path: Path) -> bool:
     """A checkpoint written by moemerge's ``mapped`` / ``lowrank`` formats: its ``auto_map`` points at the
     ``modeling_moemerge.py`` we ship, so loading it runs our own code, not a stranger's."""

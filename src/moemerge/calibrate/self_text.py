@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import MoemergeError
+from ..loading import device_flops
 
 LOG = logging.getLogger(__name__)
 
@@ -59,9 +60,9 @@ def sample_windows(model: nn.Module, start: int, count: int, seq_len: int, seed:
     return wins
 
 
-#: rough CPU / GPU rates for the estimate: flop/s, bytes/s of weights read per decoding step, seconds of fixed cost
-#: per step (generate's Python; ~0.01 s measured on the bundled models)
-RATES = {"cpu": (2e10, 1e10, 0.01), "cuda": (2e13, 2e12, 0.02)}
+#: rough CPU / GPU rates for the estimate besides :data:`~moemerge.loading.FLOPS`: bytes/s of weights read per
+#: decoding step, seconds of fixed cost per step (generate's Python; ~0.01 s measured on the bundled models)
+RATES = {"cpu": (1e10, 0.01), "cuda": (2e12, 0.02)}
 
 
 def sampling_seconds(count: int, seq_len: int, active_parameters: int, weight_bytes: int, device: str,
@@ -70,7 +71,8 @@ def sampling_seconds(count: int, seq_len: int, active_parameters: int, weight_by
     decoding step (one token for each window of a batch) reads the weights the batch routes to, up to all of them;
     whichever bound is larger, plus a fixed cost per step. Qwen1.5-MoE-A2.7B (14.3 B parameters, 2.7 B active, bf16),
     16 windows of 2048 tokens: ~3.4 h on CPU, ~2 min on a GPU; the bundled models: seconds."""
-    flops, bandwidth, fixed = RATES["cuda" if str(device).startswith("cuda") else "cpu"]
+    flops = device_flops(device)
+    bandwidth, fixed = RATES["cuda" if str(device).startswith("cuda") else "cpu"]
     steps = -(-count // batch_size) * seq_len
     return steps * fixed + max(2 * active_parameters * count * seq_len / flops, steps * weight_bytes / bandwidth)
 

@@ -73,6 +73,7 @@ import torch
 
 from ..errors import MoemergeError
 from ..families import MoeLayer, Routing, expert_intermediate
+from ..loading import device_flops
 from ..merge.fit import DAMP, DAMP_GRID, WindowAware, even_share, held_out_tokens
 
 LOG = logging.getLogger(__name__)
@@ -100,10 +101,6 @@ BLOCK_PATIENCE = 5
 #: ``block_fit_steps``: largest fp32 copy of a layer's merged experts and router with their gradients and Adam's two
 #: moments (16 bytes a parameter); a larger layer is not block-fitted (logged).
 BLOCK_BYTES = 16 * 2**30
-#: sustained fp32 throughput (flop/s) assumed by :func:`block_fit_seconds` on the 2-core CI machine: ~5.5e10
-#: measured on the bundled tiny-mixtral, ~1.8e10 at Qwen1.5-MoE's shapes (``benchmarks/bench_router_fit.py``, the
-#: fixed evaluations counted as steps); the lower is assumed. CUDA: a data-centre GPU's fp32 rate.
-THROUGHPUT = {"cpu": 2e10, "cuda": 2e13}
 
 
 def spread_tokens(windows: torch.Tensor | None, num_tokens: int, share: float) -> torch.Tensor:
@@ -346,7 +343,7 @@ def block_fit_seconds(steps: int, layers, top_k: int, device: str, tokens: int =
         num_experts, hidden_size = (int(d) for d in v.experts.down_proj.shape[:2])
         fitted = sample_tokens(tokens, num_experts, hidden_size, log=False) * (1 - held_out) * top_k
         flops += 3 * 2 * fitted * 3 * hidden_size * v.intermediate_size
-    return steps * flops / THROUGHPUT["cuda" if str(device).startswith("cuda") else "cpu"]
+    return steps * flops / device_flops(device)  # the fixed evaluations are counted as steps
 
 
 def block_output(rows: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, hidden: torch.Tensor,
