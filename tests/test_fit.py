@@ -249,12 +249,12 @@ def test_router_fit_lowers_the_block_output_error(family, sequential, tokenizer,
 
 
 def test_few_calibration_tokens_for_a_fit_are_warned_once(caplog):
-    from moemerge.pipeline import _warn_few_tokens
+    from moemerge.pipeline import warn_few_tokens
 
-    _warn_few_tokens.cache_clear()
+    warn_few_tokens.cache_clear()
     with caplog.at_level("WARNING", logger="moemerge.pipeline"):
         for windows, seq_len in ((32, 256), (32, 256), (32, 2048)):  # HC-SMoE's 32 × 2048 is enough
-            _warn_few_tokens(windows, seq_len)
+            warn_few_tokens(windows, seq_len)
     said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("calibration:")]
     assert len(said) == 1 and "8192 tokens" in said[0] and "--n-sentences 256" in said[0]
 

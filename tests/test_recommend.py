@@ -45,6 +45,9 @@ def test_recommend_prints_the_table_and_writes_a_runnable_recipe(model_dirs, tex
     assert out.returncode == 0, out.stderr
     for name in ("hc-smoe", "hc-smoe+fit", "frequency-prune", "winner"):
         assert name in out.stdout
+    # few tokens for a fit: said once, of what the written recipe calibrates on (the trials use 3/4 of it)
+    said = [line for line in out.stderr.splitlines() if "the fitted merges learn from them" in line]
+    assert len(said) == 1 and "8 windows × 32 tokens" in said[0], out.stderr
     assert max(len(line) for line in _table_lines(out.stdout)) <= 80
     data = yaml.safe_load(recipe_file.read_text())
     assert data["num_average_groups"] == 4 and data["n_sentences"] == 8

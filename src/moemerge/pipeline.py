@@ -180,7 +180,7 @@ def human_duration(seconds: float) -> str:
 
 
 @functools.cache
-def _warn_few_tokens(windows: int, seq_len: int) -> None:
+def warn_few_tokens(windows: int, seq_len: int) -> None:
     """Once per process and size (``recommend`` validates every candidate)."""
     if windows * seq_len < CALIBRATION_TOKENS:
         LOG.warning("calibration: %d windows × %d tokens = %d tokens; the fitted merges learn from them and do "
@@ -188,8 +188,10 @@ def _warn_few_tokens(windows: int, seq_len: int) -> None:
                     windows * seq_len, CALIBRATION_TOKENS, default_window_count(seq_len))
 
 
-def validate_for_model(recipe: Recipe, source: LayerSource) -> None:
-    """Checks that need the model's config but no weights: run them before any expensive step."""
+def validate_for_model(recipe: Recipe, source: LayerSource, warn_tokens: bool = True) -> None:
+    """Checks that need the model's config but no weights: run them before any expensive step. ``warn_tokens``:
+    say when a fitted merge calibrates on few tokens (``recommend``'s trials, which calibrate on 3/4 of the windows
+    by design, leave it to ``recommend``)."""
     spec, config = source.family, source.config
     top_k = spec.top_k(config)
     views = source.moe_views()
@@ -222,9 +224,9 @@ def validate_for_model(recipe: Recipe, source: LayerSource) -> None:
         if seconds > BLOCK_FIT_WARN_S:
             LOG.warning("block_fit_steps=%d: about %s of Adam steps on %s for %d MoE layers (a GPU makes it minutes)",
                         recipe.block_fit_steps, human_duration(seconds), resolve_device(recipe.device), len(layers))
-    if recipe.merge == "fit" or recipe.router_fit:
+    if warn_tokens and (recipe.merge == "fit" or recipe.router_fit):
         settings = calibration_settings(recipe, config)
-        _warn_few_tokens(settings.n_sentences, settings.seq_len)
+        warn_few_tokens(settings.n_sentences, settings.seq_len)
     if recipe.self_calibration:
         seconds = self_calibration_time(recipe, source)
         if seconds > BLOCK_FIT_WARN_S:

@@ -184,6 +184,7 @@ def recommend(model_path: str, base: Recipe, names: list[str] | None = None, pro
     """Score every available candidate at every budget on the held-out windows, each written in the format that
     realises its size; returns every trial and the winner per budget."""
     from .loading import open_checkpoint
+    from .pipeline import calibration_settings, warn_few_tokens
 
     if fmt not in FORMATS:
         raise MoemergeError(f"--format {fmt!r}: recommend compares mapped, compact or padded checkpoints")
@@ -194,6 +195,8 @@ def recommend(model_path: str, base: Recipe, names: list[str] | None = None, pro
     base = base.model_copy(update={"model_path": model_path})  # the written recipes name the model they were tried on
     ckpt = open_checkpoint(model_path)
     n_cal, held = held_out_windows(ckpt.tokenizer, ckpt.config, base)
+    settings = calibration_settings(base, ckpt.config)  # the winner calibrates on all of them
+    warn_few_tokens(settings.n_sentences, settings.seq_len)
     trials = []
     for budget in budgets:
         for name, opts in candidates.items():
@@ -247,7 +250,7 @@ def score_trial(ckpt, trial: Trial, held: torch.Tensor, progress: bool = False,
             if seconds > block_fit_limit:
                 raise MoemergeError(f"block fit would take about {human_duration(seconds)} on "
                                     f"{resolve_device(recipe.device)}; name it in --candidates to run it")
-        validate_for_model(recipe, source)
+        validate_for_model(recipe, source, warn_tokens=False)
         sample = self_sampler(recipe, ckpt.tokenizer, ckpt.fingerprint, ckpt.folder, dtype)
         job = job_for(recipe, ckpt.tokenizer, ckpt.config, ckpt.fingerprint, progress, sample=sample)
         job.eval_windows, job.fidelity = {"held-out": held}, True
