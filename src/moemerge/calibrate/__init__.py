@@ -25,7 +25,7 @@ LOG = logging.getLogger(__name__)
 __all__ = ["CALIBRATION_TOKENS", "CalibrationSettings", "Sampler", "Stats", "calibration_windows",
            "default_window_count", "STATISTICS", "LayerBatch", "Statistic"]
 
-#: Calibration tokens by default: HC-SMoE's 32 windows of 2048 (arXiv 2410.08589, §5). The amount of text is what the
+#: Calibration tokens by default: HC-SMoE's 32 windows of 2048 (arXiv 2410.08589). The amount of text is what the
 #: statistics and the fitted merges learn from, so a model with shorter windows gets more of them, not fewer tokens.
 #: Measured on the bundled tiny-mixtral (256 positions; ``docs/quality.md``): 32 → 128 → 256 windows of 256 took the
 #: fitted, block-fitted merges from ×1.319 to ×1.234 to ×1.228 at 75 % fewer experts, and from ×1.166 to ×1.100 to
