@@ -41,6 +41,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from moemerge.recipe import default_window_count
+
 from make_checkpoint import DTYPES, CheckpointPlan, plan_checkpoint, preset_config, write_checkpoint
 
 PRESET = "deep-small"
@@ -132,21 +134,13 @@ def merge_settings(merge_args: list[str], max_positions: int, checkpoint_dtype: 
     parser.add_argument("--dtype", default="auto")
     known, _ = parser.parse_known_args(merge_args)
     seq_len = known.seq_len if known.seq_len is not None else min(2048, max_positions)
-    n_sentences = known.n_sentences if known.n_sentences is not None else _default_windows(seq_len)
+    n_sentences = known.n_sentences if known.n_sentences is not None else default_window_count(seq_len)
     dtype = checkpoint_dtype if known.dtype == "auto" else known.dtype
     if dtype not in ELEMENT_BYTES:
         raise ValueError(f"unknown --dtype {dtype!r} in the merge arguments")
     return MergeSettings(n_sentences=int(n_sentences), seq_len=int(seq_len), dtype=dtype)
 
 
-def _default_windows(seq_len: int) -> int:
-    """The recipe's default window count for ``seq_len`` (32, more for short windows)."""
-    try:
-        from moemerge.calibrate import default_window_count
-    # the bound is an estimate: the same rule by hand if the package cannot be imported
-    except ImportError:
-        return max(32, -(-32 * 2048 // seq_len))
-    return default_window_count(seq_len)
 
 
 def memory_bound(plan: CheckpointPlan, settings: MergeSettings) -> int:

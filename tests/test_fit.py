@@ -264,8 +264,8 @@ def test_default_calibration_holds_hc_smoe_tokens():
     count is kept, and the resolved recipe (merge_info.json) records the count used."""
     from types import SimpleNamespace
 
-    from moemerge.calibrate import CALIBRATION_TOKENS, default_window_count
     from moemerge.pipeline import calibration_settings, resolved
+    from moemerge.recipe import CALIBRATION_TOKENS, default_window_count
 
     assert default_window_count(2048) == default_window_count(4096) == 32
     assert default_window_count(256) == 256 and default_window_count(1000) == 66

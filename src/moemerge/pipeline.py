@@ -18,14 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .calibrate import (
-    CALIBRATION_TOKENS,
-    CalibrationSettings,
-    Sampler,
-    Stats,
-    calibration_windows,
-    default_window_count,
-)
+from .calibrate import CalibrationSettings, Sampler, Stats, calibration_windows
 from .calibrate.cache import StatsCache, cache_key, versions
 from .calibrate.ranks import SINGLE, Ranks, from_environment
 from .data import load_text
@@ -41,7 +34,7 @@ from .group.dominant import check_group_limit
 from .group.plan import MergePlan
 from .group.routing_groups import check_routing_groups
 from .loading import LoadedModel, cache_root, open_checkpoint, resolve_device, resolve_dtype
-from .recipe import Recipe, parse_size
+from .recipe import CALIBRATION_TOKENS, Recipe, default_window_count, parse_size
 from .save import FORMATS, SaveReport, edited_config, folder_bytes, original_config, set_expert_count
 
 LOG = logging.getLogger(__name__)
