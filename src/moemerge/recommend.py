@@ -184,7 +184,7 @@ def recommend(model_path: str, base: Recipe, names: list[str] | None = None, pro
     """Score every available candidate at every budget on the held-out windows, each written in the format that
     realises its size; returns every trial and the winner per budget."""
     from .loading import open_checkpoint
-    from .pipeline import calibration_settings, warn_few_tokens
+    from .pipeline import warn_few_tokens
 
     if fmt not in FORMATS:
         raise MoemergeError(f"--format {fmt!r}: recommend compares mapped, compact or padded checkpoints")
@@ -195,8 +195,7 @@ def recommend(model_path: str, base: Recipe, names: list[str] | None = None, pro
     base = base.model_copy(update={"model_path": model_path})  # the written recipes name the model they were tried on
     ckpt = open_checkpoint(model_path)
     n_cal, held = held_out_windows(ckpt.tokenizer, ckpt.config, base)
-    settings = calibration_settings(base, ckpt.config)  # the winner calibrates on all of them
-    warn_few_tokens(settings.n_sentences, settings.seq_len)
+    warn_few_tokens(n_cal + len(held), held.shape[1])  # the winner calibrates on all of them
     trials = []
     for budget in budgets:
         for name, opts in candidates.items():
