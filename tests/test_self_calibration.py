@@ -9,7 +9,7 @@ import torch
 
 import moemerge
 from moemerge.calibrate import CalibrationSettings, calibration_windows
-from moemerge.calibrate.self_text import cached_sampler, sample_windows, start_token
+from moemerge.calibrate.self_text import cached_sampler, carried, sample_windows, start_token
 from moemerge.errors import MoemergeError
 from moemerge.families import FAMILIES
 from moemerge.loading import load_model
@@ -18,13 +18,16 @@ from moemerge.recommend import held_out_windows
 from conftest import make_model
 
 
-def test_windows_are_whole_start_with_the_start_token_and_follow_the_seed(tokenizer):
+def test_windows_are_whole_chains_from_the_start_token_and_follow_the_seed(tokenizer):
     model = make_model("mixtral", vocab_size=len(tokenizer))
     start = start_token(tokenizer)
     state = torch.random.get_rng_state()
     a = sample_windows(model, start, count=5, seq_len=12, seed=3, batch_size=2)
     assert torch.equal(torch.random.get_rng_state(), state)  # the caller's random stream is left alone
-    assert a.shape == (5, 12) and (a[:, 0] == start).all()
+    assert a.shape == (5, 12) and (a[:2, 0] == start).all()  # two chains, each opened by the start token
+    carry = carried(12)
+    for i in range(2, 5):  # window i continues window i - 2 of its chain, prompted by that window's tail
+        assert torch.equal(a[i, :carry], a[i - 2, -carry:])
     assert torch.equal(a, sample_windows(model, start, count=5, seq_len=12, seed=3, batch_size=2))
     assert not torch.equal(a, sample_windows(model, start, count=5, seq_len=12, seed=4, batch_size=2))
 
@@ -153,7 +156,9 @@ def test_sampling_cost_estimate_scales_and_warns_at_real_sizes(model_dirs, caplo
     qwen = dict(active_parameters=int(2.7e9), weight_bytes=int(28.6e9))
     cpu = sampling_seconds(16, 2048, device="cpu", **qwen)
     assert 2 * 3600 < cpu < 5 * 3600 and sampling_seconds(16, 2048, device="cuda", **qwen) < 600
-    assert sampling_seconds(32, 2048, device="cpu", **qwen) == pytest.approx(2 * cpu)
+    # 8 chains: 2 windows each take 2047 + 1536 decoding steps (the second is prompted by 512 carried tokens), 4 take
+    # 2047 + 3 × 1536
+    assert sampling_seconds(32, 2048, device="cpu", **qwen) == pytest.approx(cpu * (2047 + 3 * 1536) / (2047 + 1536))
 
     ckpt = open_checkpoint(str(model_dirs["mixtral"]))
     source = ShardSource(ckpt.folder, config=ckpt.config)
@@ -167,7 +172,8 @@ def test_sampling_cost_estimate_scales_and_warns_at_real_sizes(model_dirs, caplo
 def test_every_family_samples_whole_windows(family):
     """``generate`` with the cache of each family (sliding windows, linear attention, MLA...) runs to full length."""
     wins = sample_windows(make_model(family, vocab_size=300), start=1, count=3, seq_len=12, seed=0, batch_size=2)
-    assert wins.shape == (3, 12) and (wins[:, 0] == 1).all()
+    assert wins.shape == (3, 12) and (wins[:2, 0] == 1).all() and torch.equal(wins[2, :carried(12)],
+                                                                               wins[0, -carried(12):])
 
 
 def test_the_calibrate_api_samples_from_the_model_in_memory(tokenizer, text_file):
