@@ -9,6 +9,10 @@ after the first row). Every method is shown against frequency pruning and REAP o
 
     python scripts/compare.py                                       # writes docs/comparison.md
     python scripts/compare.py --models tiny-mixtral --ratios 0.5 --rows hc-smoe reap moemerge --no-domains
+    python scripts/compare.py --ratios --n-sentences 256                 # the cross-domain block only
+
+A cross-domain row ``NAME+self=1`` samples every calibration window from the model, so it reads no calibration text:
+it is run once per model and scored on every domain in the same walk.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from pathlib import Path
 from moemerge import Recipe
 from moemerge.evaluate import eval_texts
 from moemerge.loading import open_checkpoint
+from moemerge.recipe import default_window_count
 from moemerge.recommend import CANDIDATES, Trial, candidate_recipe, in_format, score_trial
 
 BASELINES = ("frequency-prune", "reap")
@@ -47,7 +52,7 @@ def domain_files(split: str, folder: Path) -> dict[str, Path]:
 
 
 def run_rows(model: str, ckpt, rows: list[str], groups: int, fmt: str, calibration: str, held, args,
-             self_calibration: float = 0.0) -> list[Trial]:
+             self_calibration: float = 0.0, more: dict | None = None) -> list[Trial]:
     base = Recipe.build(model_path=model, calibration=calibration, n_sentences=args.n_sentences,
                         seq_len=args.seq_len, num_average_groups=groups, dtype="float32", device="cpu",
                         self_calibration=self_calibration)
@@ -60,7 +65,7 @@ def run_rows(model: str, ckpt, rows: list[str], groups: int, fmt: str, calibrati
         else:
             try:
                 trial.recipe = trial.trial_recipe = candidate_recipe(base, opts)
-                score_trial(ckpt, trial, held)
+                score_trial(ckpt, trial, held, more=more)
             except Exception as exc:  # one failing row must not hide the others; the table says why
                 trial.error = str(exc).splitlines()[0]
         trials.append(trial)
@@ -104,25 +109,25 @@ def main() -> None:
     ap.add_argument("--formats", nargs="*", default=["mapped", "compact"])
     ap.add_argument("--rows", nargs="*", default=ROWS, help="subset of: " + ", ".join(ROWS))
     ap.add_argument("--domain-ratio", type=float, default=0.625, help="share removed in the cross-domain block")
-    ap.add_argument("--domain-rows", nargs="*", default=["moemerge", "moemerge+bfit", "hc-smoe+fit",
-                                                          "hc-smoe+fit+rfit@compact", "hc-smoe+fit+bfit@compact",
-                                                          "frequency-prune", "reap", "moemerge+self=0.5",
-                                                          "moemerge+self=1", "hc-smoe+fit+bfit@compact+self=0.5",
-                                                          "frequency-prune+self=0.5"],
+    ap.add_argument("--domain-rows", nargs="*", default=["moemerge", "frequency-prune", "reap", "moemerge+self=1",
+                                                          "moemerge+bfit+self=1", "frequency-prune+self=1",
+                                                          "reap+self=1"],
                     help="rows of the cross-domain block, each written mapped unless NAME@FORMAT says otherwise; "
                          "NAME+self=S calibrates with self_calibration=S")
     ap.add_argument("--json", default=None, help="also write every trial here (model, block, format, figures)")
     ap.add_argument("--no-domains", action="store_true", help="skip the cross-domain block")
-    ap.add_argument("--n-sentences", type=int, default=32)
+    ap.add_argument("--n-sentences", type=int, default=None,
+                    help="calibration windows (default: the recipe's, 65,536 tokens)")
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--ppl-windows", type=int, default=48)
     ap.add_argument("--out", default="docs/comparison.md")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
+    n_windows = args.n_sentences or default_window_count(args.seq_len)
     lines = ["# Method comparison", "",
              f"Produced by `python scripts/compare.py` ({', '.join(f'{r:.1%}' for r in args.ratios)} of the experts "
-             f"removed; formats {', '.join(args.formats)}). Calibration: the bundled train split, {args.n_sentences} "
+             f"removed; formats {', '.join(args.formats)}). Calibration: the bundled train split, {n_windows} "
              f"windows × {args.seq_len} tokens, one cached pass per model and text. Scored on held-out text never "
              f"used to calibrate (`bundled:validation`, {args.ppl_windows} windows evenly spaced over its three "
              "domains): ppl ratio = merged / "
@@ -160,21 +165,36 @@ def main() -> None:
                   "the rest cut from the calibration domain.", "",
                   "| calibrated on | scored on | " + " | ".join(args.domain_rows) + " |",
                   "|---|---|" + "---|" * len(args.domain_rows)]
+        held_by = {d: eval_texts(ckpt.tokenizer, [str(f)], args.seq_len, args.ppl_windows)[0].windows
+                   for d, f in valid.items()}
+        # a row with every window sampled reads no calibration text: one walk per model, scored on every domain
+        text_free: dict[str, Trial] = {}
+        for row in args.domain_rows:
+            body, _, share = row.partition("+self=")
+            if share and float(share) == 1:
+                name, _, fmt = body.partition("@")
+                print(f"[{Path(model).name} {row}: no calibration text, scored on every domain]", flush=True)
+                text_free[row] = run_rows(model, ckpt, [name], groups, fmt or "mapped", str(next(iter(train.values()))),
+                                          next(iter(held_by.values())), args, 1.0, more=held_by)[0]
+                record.append({"model": Path(model).name, "block": "no text", "ratios_on": text_free[row].ratios_on,
+                               **text_free[row].to_json()})
         for cal_domain, cal_file in train.items():
-            for eval_domain, eval_file in valid.items():
+            for eval_domain in valid:
                 if eval_domain == cal_domain:
                     continue
-                held_d = eval_texts(ckpt.tokenizer, [str(eval_file)], args.seq_len, args.ppl_windows)[0].windows
                 print(f"[{Path(model).name} calibrated on {cal_domain}, scored on {eval_domain}]", flush=True)
-                trials = []
+                cells = []
                 for row in args.domain_rows:
-                    row, _, share = row.partition("+self=")
-                    name, _, fmt = row.partition("@")
-                    trials += run_rows(model, ckpt, [name], groups, fmt or "mapped", str(cal_file), held_d, args,
-                                       float(share or 0))
-                record += [{"model": Path(model).name, "block": f"{cal_domain}->{eval_domain}", **t.to_json()}
-                           for t in trials]
-                cells = [f"×{t.ppl_ratio:.3f}" if t.error is None else "failed" for t in trials]
+                    if row in text_free:
+                        t = text_free[row]
+                        cells.append(f"×{t.ratios_on[eval_domain]:.3f}" if t.error is None else "failed")
+                        continue
+                    body, _, share = row.partition("+self=")
+                    name, _, fmt = body.partition("@")
+                    t = run_rows(model, ckpt, [name], groups, fmt or "mapped", str(cal_file), held_by[eval_domain],
+                                 args, float(share or 0))[0]
+                    record.append({"model": Path(model).name, "block": f"{cal_domain}->{eval_domain}", **t.to_json()})
+                    cells.append(f"×{t.ppl_ratio:.3f}" if t.error is None else "failed")
                 lines.append(f"| {cal_domain} | {eval_domain} | " + " | ".join(cells) + " |")
         lines.append("")
     out = Path(args.out)

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 import yaml
 
@@ -126,3 +127,21 @@ def test_a_block_fit_too_slow_for_the_device_is_not_compared_unless_named(model_
     assert slow.error.startswith("block fit would take about") and "--candidates" in slow.error
     trials, winners = rec.recommend(str(model_dirs["mixtral"]), base, ["moemerge+bfit"])
     assert trials[0].error is None and trials[0].trial_recipe.block_fit_steps == 300
+
+
+def test_a_trial_scores_more_texts_in_the_same_walk(model_dirs, text_file):
+    """``score_trial(..., more=...)``: every named text is scored by the same merged layers as the held-out one (the
+    cross-domain block of ``scripts/compare.py`` scores a text-free recipe on every domain in one walk)."""
+    from moemerge.loading import open_checkpoint
+    from moemerge.recommend import Trial, score_trial
+
+    ckpt = open_checkpoint(str(model_dirs["mixtral"]))
+    recipe = moemerge.Recipe.build(model_path=str(model_dirs["mixtral"]), calibration=str(text_file), seq_len=32,
+                                   n_sentences=8, num_average_groups=4, dtype="float32", device="cpu")
+    held = torch.randint(0, ckpt.config.vocab_size, (3, 32), generator=torch.Generator().manual_seed(0))
+    other = torch.randint(0, ckpt.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(1))
+    trial = score_trial(ckpt, Trial("hc-smoe", 4, recipe, recipe), held, more={"same": held, "other": other})
+    assert trial.error is None and set(trial.ratios_on) == {"same", "other"}
+    assert trial.ratios_on["same"] == pytest.approx(trial.ppl_ratio, rel=1e-6)
+    alone = score_trial(ckpt, Trial("hc-smoe", 4, recipe, recipe), other)
+    assert trial.ratios_on["other"] == pytest.approx(alone.ppl_ratio, rel=1e-5)

@@ -81,6 +81,7 @@ class Trial:
     seconds: float = 0.0
     error: str | None = None
     counts: list[int] = field(default_factory=list)  # experts per MoE layer after the merge
+    ratios_on: dict[str, float] = field(default_factory=dict)  # ppl ratio on more texts scored in the same walk
 
     @property
     def format(self) -> str:
@@ -226,11 +227,12 @@ def recommend(model_path: str, base: Recipe, names: list[str] | None = None, pro
 
 
 def score_trial(ckpt, trial: Trial, held: torch.Tensor, progress: bool = False,
-                block_fit_limit: float | None = None) -> Trial:
+                block_fit_limit: float | None = None, more: dict[str, torch.Tensor] | None = None) -> Trial:
     """One streamed walk of ``trial.trial_recipe`` over checkpoint ``ckpt`` (nothing written), scored on the
     ``held`` windows through the original and the merged layers side by side: fills perplexity, its ratio, KL, top-1
     agreement, the written format's parameter count and the time, or the one-line reason it failed (also when its
-    block fit is estimated to take more than ``block_fit_limit`` seconds)."""
+    block fit is estimated to take more than ``block_fit_limit`` seconds). ``more`` names other windows to score in
+    the same walk (their ratios go to ``trial.ratios_on``)."""
     from .execute.executor import execute
     from .execute.source import ShardSource
     from .group import merged_layers
@@ -252,9 +254,10 @@ def score_trial(ckpt, trial: Trial, held: torch.Tensor, progress: bool = False,
         validate_for_model(recipe, source, warn_tokens=False)
         sample = self_sampler(recipe, ckpt.tokenizer, ckpt.fingerprint, ckpt.folder, dtype)
         job = job_for(recipe, ckpt.tokenizer, ckpt.config, ckpt.fingerprint, progress, sample=sample)
-        job.eval_windows, job.fidelity = {"held-out": held}, True
+        job.eval_windows, job.fidelity = {"held-out": held, **(more or {})}, True
         outcome = execute(source, recipe, job)
         ppl0, ppl = outcome.ppl_before["held-out"], outcome.ppl_after["held-out"]
+        trial.ratios_on = {name: outcome.ppl_after[name] / outcome.ppl_before[name] for name in more or {}}
         fid = outcome.fidelity or {}
         trial.ppl, trial.ppl_ratio = ppl, ppl / ppl0
         trial.kl, trial.top1 = fid.get("kl", math.nan), fid.get("top1", math.nan)
