@@ -62,7 +62,8 @@ def sample_windows(model: nn.Module, start: int, count: int, seq_len: int, seed:
     """``[count, seq_len]`` token windows sampled from ``model`` at temperature 1, as ``min(batch_size, count)``
     chains: the first window of each starts with ``start``, each later one with the last :func:`carried` tokens of
     the chain's previous window. Windows are returned step by step (every chain's first window, then every chain's
-    second, ...), so any evenly spread subset draws from every chain.
+    second, ...), so a prefix of them spreads over every chain; with 8 chains, the fits' held-out quarter (every
+    fourth window) is two whole chains, which share no carried tokens with the windows fitted on.
 
     Deterministic for a seed on one device; the global random state is left as it was."""
     from transformers import GenerationConfig
