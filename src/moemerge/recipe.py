@@ -83,7 +83,8 @@ class Recipe(BaseModel):
         None, ge=2, description="Tokens per calibration window (default: min(2048, model's max positions)).")
     self_calibration: float = Field(
         0.0, ge=0, le=1, description="Share of the calibration windows sampled from the model itself (temperature 1, "
-                                     "from its start token) instead of cut from the calibration text: a guard when "
+                                     "in chains continuing its own documents from its start token) instead of cut "
+                                     "from the calibration text: a guard when "
                                      "the text of use is unlike the calibration text; 1 needs no text. Loads the "
                                      "whole model once to sample.")
     train_batch_size: int = Field(2, ge=1, description="Calibration windows per forward pass.")
