@@ -156,8 +156,8 @@ def test_sampling_cost_estimate_scales_and_warns_at_real_sizes(model_dirs, caplo
     qwen = dict(active_parameters=int(2.7e9), weight_bytes=int(28.6e9))
     cpu = sampling_seconds(16, 2048, device="cpu", **qwen)
     assert 2 * 3600 < cpu < 5 * 3600 and sampling_seconds(16, 2048, device="cuda", **qwen) < 600
-    # 8 chains: 2 windows each take 2047 + 1536 decoding steps (the second is prompted by 512 carried tokens), 4 take
-    # 2047 + 3 × 1536
+    # 8 chains of 2 windows: 2047 + 1536 decoding steps each (the second window is prompted by 512 carried tokens);
+    # 8 chains of 4 windows: 2047 + 3 × 1536
     assert sampling_seconds(32, 2048, device="cpu", **qwen) == pytest.approx(cpu * (2047 + 3 * 1536) / (2047 + 1536))
 
     ckpt = open_checkpoint(str(model_dirs["mixtral"]))

@@ -14,7 +14,7 @@ were worse off-domain).
 **Chains, not independent windows.** A window sampled from the start token is the *opening* of a document the model
 chose, so independent windows give every kind of document the same weight per document, whatever its length: on the
 bundled corpus 62 % of the documents (and of such samples) are short Bible chapters, while each domain holds a third
-of the tokens, and code, whose files are long, got 17 %. The model was trained on a stream of documents cut into
+of the tokens; code, in long files, is 17 % of the documents. The model was trained on a stream of documents cut into
 windows; we sample that stream instead. ``batch_size`` chains run in parallel; a chain's first window starts from the
 start token, each later window continues it, prompted by the last :data:`CARRY` of the chain's previous window and
 never stopped by an end token, so the model finishes its documents and starts new ones itself, and windows are spread
@@ -62,8 +62,9 @@ def sample_windows(model: nn.Module, start: int, count: int, seq_len: int, seed:
     """``[count, seq_len]`` token windows sampled from ``model`` at temperature 1, as ``min(batch_size, count)``
     chains: the first window of each starts with ``start``, each later one with the last :func:`carried` tokens of
     the chain's previous window. Windows are returned step by step (every chain's first window, then every chain's
-    second, ...), so a prefix of them spreads over every chain; with 8 chains, the fits' held-out quarter (every
-    fourth window) is two whole chains, which share no carried tokens with the windows fitted on.
+    second, ...), so a prefix of them spreads over every chain; with 8 chains and every window sampled, the fits'
+    held-out quarter (every fourth window) is two whole chains, which share no carried tokens with the windows fitted
+    on.
 
     Deterministic for a seed on one device; the global random state is left as it was."""
     from transformers import GenerationConfig
