@@ -141,8 +141,6 @@ def merge_settings(merge_args: list[str], max_positions: int, checkpoint_dtype: 
     return MergeSettings(n_sentences=int(n_sentences), seq_len=int(seq_len), dtype=dtype)
 
 
-
-
 def memory_bound(plan: CheckpointPlan, settings: MergeSettings) -> int:
     """Bytes a layer-by-layer executor may need: twice (largest decoder layer + embeddings/norm/LM head) in the
     compute dtype, plus the calibration hidden states in float32."""

@@ -57,9 +57,14 @@ def carried(seq_len: int) -> int:
     return max(1, int(seq_len * CARRY))
 
 
+def chain_count(count: int, batch_size: int) -> int:
+    """Chains sampled in parallel for ``count`` windows: one per batch row, never more than the windows."""
+    return max(1, min(batch_size, count))
+
+
 def sample_windows(model: nn.Module, start: int, count: int, seq_len: int, seed: int, batch_size: int = 8
                    ) -> torch.Tensor:
-    """``[count, seq_len]`` token windows sampled from ``model`` at temperature 1, as ``min(batch_size, count)``
+    """``[count, seq_len]`` token windows sampled from ``model`` at temperature 1, as :func:`chain_count`
     chains: the first window of each starts with ``start``, each later one with the last :func:`carried` tokens of
     the chain's previous window. Windows are returned step by step (every chain's first window, then every chain's
     second, ...), so a prefix of them spreads over every chain; with 8 chains and every window sampled, the fits'
@@ -70,9 +75,8 @@ def sample_windows(model: nn.Module, start: int, count: int, seq_len: int, seed:
     from transformers import GenerationConfig
 
     device = next(model.parameters()).device
-    chains = max(1, min(batch_size, count))
-    steps = -(-count // chains)
-    carry = carried(seq_len) if steps > 1 else 0
+    chains = chain_count(count, batch_size)
+    steps, carry = -(-count // chains), carried(seq_len)
     out, prompt = [], torch.full((chains, 1), start, dtype=torch.long, device=device)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
         torch.manual_seed(seed)
@@ -102,7 +106,7 @@ def sampling_seconds(count: int, seq_len: int, active_parameters: int, weight_by
     active, bf16), 16 windows of 2048 tokens: ~2.9 h on CPU, ~2 min on a GPU; the bundled models: seconds."""
     flops = device_flops(device)
     bandwidth, fixed = RATES["cuda" if str(device).startswith("cuda") else "cpu"]
-    windows_per_chain = -(-count // max(1, min(batch_size, count)))
+    windows_per_chain = -(-count // chain_count(count, batch_size))
     steps = seq_len - 1 + (windows_per_chain - 1) * (seq_len - carried(seq_len))  # decoding steps of one chain
     return steps * fixed + max(2 * active_parameters * count * seq_len / flops, steps * weight_bytes / bandwidth)
 
@@ -115,7 +119,7 @@ def cached_sampler(fingerprint: str, tokenizer, load: Callable[[], nn.Module], f
     dtype and device the model is loaded with)."""
 
     def sample(count: int, seq_len: int, seed: int) -> torch.Tensor:
-        chains = max(1, min(batch_size, count))  # the chain count changes the samples, as the seed does
+        chains = chain_count(count, batch_size)  # the chain count changes the samples, as the seed does
         name = f"{fingerprint[:24]}-{count}x{seq_len}-seed{seed}-chains{chains}{'-' + tag if tag else ''}.pt"
         path = folder / name if folder is not None else None
         if path is not None and path.is_file():
