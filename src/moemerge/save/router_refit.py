@@ -81,8 +81,12 @@ LOG = logging.getLogger(__name__)
 #: Largest refit sample, spread over all calibration windows (:func:`spread_tokens`). Measured (tiny-mixtral,
 #: ``moemerge`` + block fit, 62.5 % fewer experts, scored on all three bundled domains): 32 × 256 calibration
 #: windows, the first 4096 tokens ×1.138, all 8192 ×1.098; 128 × 256 windows, the first 4096 tokens (one domain of
-#: three) ×1.363, 16384 spread over all ×1.067.
-MAX_TOKENS = 16384
+#: three) ×1.363, 16384 spread over all ×1.067. With every window sampled from the model (``self_calibration: 1``,
+#: 256 × 256, block fit, 62.5 %, scored on bible / python-code / python-docs): 16384 tokens tiny-mixtral ×1.085 / 1.109
+#: / 1.090, tiny-qwen-moe ×1.061 / 1.084 / 1.067; 32768 ×1.076 / 1.103 / 1.077 and ×1.057 / 1.076 / 1.063 (every
+#: domain better, the block fit about twice as long); calibrated on all three domains' text, tiny-mixtral ×1.061 /
+#: 1.073 / 1.069 → ×1.055 / 1.061 / 1.056.
+MAX_TOKENS = 32768
 #: Budget of the merged experts' outputs on the sample and their fitted part (``≈ 2·G·T·H`` fp32): a layer with many
 #: or wide experts samples fewer tokens (DeepSeek-V3's 256 × 7168 would otherwise need ~30 GiB at 4096 tokens).
 REFIT_BYTES = 4 * 2**30
