@@ -22,14 +22,14 @@ def test_windows_are_whole_chains_from_the_start_token_and_follow_the_seed(token
     model = make_model("mixtral", vocab_size=len(tokenizer))
     start = start_token(tokenizer)
     state = torch.random.get_rng_state()
-    a = sample_windows(model, start, count=5, seq_len=12, seed=3, batch_size=2)
+    a = sample_windows(model, start, count=5, seq_len=12, seed=3, chains=2)
     assert torch.equal(torch.random.get_rng_state(), state)  # the caller's random stream is left alone
     assert a.shape == (5, 12) and (a[:2, 0] == start).all()  # two chains, each opened by the start token
     carry = carried(12)
     for i in range(2, 5):  # window i continues window i - 2 of its chain, prompted by that window's tail
         assert torch.equal(a[i, :carry], a[i - 2, -carry:])
-    assert torch.equal(a, sample_windows(model, start, count=5, seq_len=12, seed=3, batch_size=2))
-    assert not torch.equal(a, sample_windows(model, start, count=5, seq_len=12, seed=4, batch_size=2))
+    assert torch.equal(a, sample_windows(model, start, count=5, seq_len=12, seed=3, chains=2))
+    assert not torch.equal(a, sample_windows(model, start, count=5, seq_len=12, seed=4, chains=2))
 
 
 def test_tokens_follow_the_models_own_distribution(tokenizer):
@@ -42,7 +42,7 @@ def test_tokens_follow_the_models_own_distribution(tokenizer):
         model.lm_head.weight.mul_(20)  # a peaked distribution (entropy ~4 nats): 4000 draws tell sampling rules apart
         logits = model(input_ids=torch.tensor([[start_token(tokenizer)]])).logits[0, -1].double()
     n = 4000
-    first = sample_windows(model, start_token(tokenizer), count=n, seq_len=2, seed=0, batch_size=n)[:, 1]
+    first = sample_windows(model, start_token(tokenizer), count=n, seq_len=2, seed=0, chains=n)[:, 1]
     counts = torch.bincount(first, minlength=logits.numel()).double()
     p = torch.softmax(logits, -1)
     big = p * n >= 5  # the chi-square test's bins: every token expected 5 times, and the rest pooled
@@ -157,8 +157,11 @@ def test_sampling_cost_estimate_scales_and_warns_at_real_sizes(model_dirs, caplo
     cpu = sampling_seconds(16, 2048, device="cpu", **qwen)
     assert 2 * 3600 < cpu < 5 * 3600 and sampling_seconds(16, 2048, device="cuda", **qwen) < 600
     # 8 chains of 2 windows: 2047 + 1536 decoding steps each (the second window is prompted by 512 carried tokens);
-    # 8 chains of 4 windows: 2047 + 3 × 1536
-    assert sampling_seconds(32, 2048, device="cpu", **qwen) == pytest.approx(cpu * (2047 + 3 * 1536) / (2047 + 1536))
+    # 8 chains of 4 windows: 2047 + 3 × 1536 (reading the weights bounds both)
+    eight = sampling_seconds(16, 2048, device="cpu", chains=8, **qwen)
+    assert sampling_seconds(32, 2048, device="cpu", chains=8, **qwen) == pytest.approx(
+        eight * (2047 + 3 * 1536) / (2047 + 1536))
+    assert cpu < eight  # the default 16 chains: one window each, fewer decoding steps
 
     ckpt = open_checkpoint(str(model_dirs["mixtral"]))
     source = ShardSource(ckpt.folder, config=ckpt.config)
@@ -171,7 +174,7 @@ def test_sampling_cost_estimate_scales_and_warns_at_real_sizes(model_dirs, caplo
 @pytest.mark.parametrize("family", FAMILIES.names())
 def test_every_family_samples_whole_windows(family):
     """``generate`` with the cache of each family (sliding windows, linear attention, MLA...) runs to full length."""
-    wins = sample_windows(make_model(family, vocab_size=300), start=1, count=3, seq_len=12, seed=0, batch_size=2)
+    wins = sample_windows(make_model(family, vocab_size=300), start=1, count=3, seq_len=12, seed=0, chains=2)
     assert wins.shape == (3, 12) and (wins[:2, 0] == 1).all() and torch.equal(wins[2, :carried(12)],
                                                                                wins[0, -carried(12):])
 

@@ -120,8 +120,7 @@ def self_sampler(recipe: Recipe, tokenizer, fp: str, folder: Path | None, dtype:
         first = next(model.parameters())
         dtype, device = first.dtype, first.device
     tag = f"{str(dtype).removeprefix('torch.') if dtype is not None else 'auto'}-{device.type}"
-    return cached_sampler(fp, tokenizer, load, cache_root() / "self-text" if recipe.cache else None,
-                          recipe.eval_batch_size, tag)
+    return cached_sampler(fp, tokenizer, load, cache_root() / "self-text" if recipe.cache else None, tag)
 
 
 def check_fits_whole(folder: Path, device: torch.device, device_map: str | None) -> None:
@@ -165,7 +164,7 @@ def self_calibration_time(recipe: Recipe, source: LayerSource) -> float:
     active = total - experts + experts * source.family.top_k(source.config) // num_experts
     size = max((p.element_size() for p in params if p.is_floating_point()), default=2)
     return sampling_seconds(settings.self_windows, settings.seq_len, active, total * size,
-                            resolve_device(recipe.device), recipe.eval_batch_size)
+                            resolve_device(recipe.device))
 
 
 def human_duration(seconds: float) -> str:

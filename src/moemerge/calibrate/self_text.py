@@ -15,11 +15,21 @@ were worse off-domain).
 chose, so independent windows give every kind of document the same weight per document, whatever its length: on the
 bundled corpus 62 % of the documents (and of such samples) are short Bible chapters, while each domain holds a third
 of the tokens; code, in long files, is 17 % of the documents. The model was trained on a stream of documents cut into
-windows; we sample that stream instead. ``batch_size`` chains run in parallel; a chain's first window starts from the
-start token, each later window continues it, prompted by the last :data:`CARRY` of the chain's previous window and
-never stopped by an end token, so the model finishes its documents and starts new ones itself, and windows are spread
-over documents in proportion to their tokens. The carried quarter is repeated at the head of the next window (a
-calibration window must be ``seq_len`` tokens of text with its own context); the other three quarters are new.
+windows; we sample that stream instead. :data:`CHAINS` chains run in parallel (one batch of ``generate``); a chain's
+first window starts from the start token, each later window continues it, prompted by the last :data:`CARRY` of the
+chain's previous window and never stopped by an end token, so the model finishes its documents and starts new ones
+itself, and windows are spread over documents in proportion to their tokens. The carried quarter is repeated at the
+head of the next window (a calibration window must be ``seq_len`` tokens of text with its own context); the other
+three quarters are new.
+
+**How many chains.** Each chain wanders through a few long documents, so the domain mix of the samples is an average
+over the chains: few chains make it noisy (8 chains of 64 windows were 27 % Bible windows on tiny-mixtral, 8 of 32
+were 39 %, against a third of the tokens), while every chain opens with a document's start, which over-weights short
+documents again (one chain per window is the independent sampling above). Measured on tiny-mixtral (62.5 % fewer
+experts, ``moemerge`` + block fit, 256 × 256 sampled, scored on bible / python-code / python-docs): 8 chains ×1.068 /
+1.108 / 1.073 (seed 0) and ×1.061 / 1.097 / 1.091 (seed 1); **16** ×1.068 / 1.096 / 1.068 and ×1.063 / 1.081 /
+1.069; 32 ×1.064 / 1.098 / 1.084. The chain count is fixed, not tied to a batch size, because it changes the
+samples: at the default 65,536 calibration tokens 16 chains are about 4k tokens each, whatever the window length.
 """
 
 from __future__ import annotations
@@ -57,25 +67,30 @@ def carried(seq_len: int) -> int:
     return max(1, int(seq_len * CARRY))
 
 
-def chain_count(count: int, batch_size: int) -> int:
-    """Chains sampled in parallel for ``count`` windows: one per batch row, never more than the windows."""
-    return max(1, min(batch_size, count))
+#: Chains sampled in parallel (module docstring, "How many chains"). Memory: ``generate``'s KV cache for this many
+#: sequences of ``seq_len`` tokens (Mixtral-8x7B, 2048 tokens: ~4 GiB in bf16).
+CHAINS = 16
 
 
-def sample_windows(model: nn.Module, start: int, count: int, seq_len: int, seed: int, batch_size: int = 8
+def chain_count(count: int, chains: int = CHAINS) -> int:
+    """Chains sampled for ``count`` windows: ``chains``, never more than the windows."""
+    return max(1, min(chains, count))
+
+
+def sample_windows(model: nn.Module, start: int, count: int, seq_len: int, seed: int, chains: int = CHAINS
                    ) -> torch.Tensor:
     """``[count, seq_len]`` token windows sampled from ``model`` at temperature 1, as :func:`chain_count`
-    chains: the first window of each starts with ``start``, each later one with the last :func:`carried` tokens of
-    the chain's previous window. Windows are returned step by step (every chain's first window, then every chain's
-    second, ...), so a prefix of them spreads over every chain; with 8 chains and every window sampled, the fits'
-    held-out quarter (every fourth window) is two whole chains, which share no carried tokens with the windows fitted
-    on.
+    chains run as one batch: the first window of each starts with ``start``, each later one with the last
+    :func:`carried` tokens of the chain's previous window. Windows are returned step by step (every chain's first
+    window, then every chain's second, ...), so a prefix of them spreads over every chain; with 16 chains and every
+    window sampled, the fits' held-out quarter (every fourth window) is four whole chains, which share no carried
+    tokens with the windows fitted on.
 
     Deterministic for a seed on one device; the global random state is left as it was."""
     from transformers import GenerationConfig
 
     device = next(model.parameters()).device
-    chains = chain_count(count, batch_size)
+    chains = chain_count(count, chains)
     steps, carry = -(-count // chains), carried(seq_len)
     out, prompt = [], torch.full((chains, 1), start, dtype=torch.long, device=device)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
@@ -99,35 +114,35 @@ RATES = {"cpu": (1e10, 0.01), "cuda": (2e12, 0.02)}
 
 
 def sampling_seconds(count: int, seq_len: int, active_parameters: int, weight_bytes: int, device: str,
-                     batch_size: int = 8) -> float:
-    """Rough time to sample ``count`` windows of ``seq_len`` tokens in ``batch_size`` chains: every token costs
+                     chains: int = CHAINS) -> float:
+    """Rough time to sample ``count`` windows of ``seq_len`` tokens in ``chains`` chains: every token costs
     ``2·active`` flops, and every decoding step (one token for each chain) reads the weights the chains route to, up to
     all of them; whichever bound is larger, plus a fixed cost per step. Qwen1.5-MoE-A2.7B (14.3 B parameters, 2.7 B
-    active, bf16), 16 windows of 2048 tokens: ~2.9 h on CPU, ~2 min on a GPU; the bundled models: seconds."""
+    active, bf16), 16 windows of 2048 tokens: ~2.5 h on CPU, ~1 min on a GPU; the bundled models: seconds."""
     flops = device_flops(device)
     bandwidth, fixed = RATES["cuda" if str(device).startswith("cuda") else "cpu"]
-    windows_per_chain = -(-count // chain_count(count, batch_size))
+    windows_per_chain = -(-count // chain_count(count, chains))
     steps = seq_len - 1 + (windows_per_chain - 1) * (seq_len - carried(seq_len))  # decoding steps of one chain
     return steps * fixed + max(2 * active_parameters * count * seq_len / flops, steps * weight_bytes / bandwidth)
 
 
 def cached_sampler(fingerprint: str, tokenizer, load: Callable[[], nn.Module], folder: Path | None,
-                   batch_size: int = 8, tag: str = "") -> Callable[[int, int, int], torch.Tensor]:
+                   tag: str = "", chains: int = CHAINS) -> Callable[[int, int, int], torch.Tensor]:
     """A ``sample(count, seq_len, seed)`` for :func:`moemerge.calibrate.calibration_windows` that loads the model
     (``load()``) only when its windows are not in ``folder`` yet (``None``: no cache), and stores them there: a
     second plan, or ``recommend``'s trials, reuse one sampling. ``tag`` names what else changes the samples (the
     dtype and device the model is loaded with)."""
 
     def sample(count: int, seq_len: int, seed: int) -> torch.Tensor:
-        chains = chain_count(count, batch_size)  # the chain count changes the samples, as the seed does
-        name = f"{fingerprint[:24]}-{count}x{seq_len}-seed{seed}-chains{chains}{'-' + tag if tag else ''}.pt"
+        used = chain_count(count, chains)  # the chain count changes the samples, as the seed does
+        name = f"{fingerprint[:24]}-{count}x{seq_len}-seed{seed}-chains{used}{'-' + tag if tag else ''}.pt"
         path = folder / name if folder is not None else None
         if path is not None and path.is_file():
             return torch.load(path, weights_only=True)
         LOG.warning("self_calibration: sampling %d windows of %d tokens from the model", count, seq_len)
         model = load()
         try:
-            wins = sample_windows(model, start_token(tokenizer), count, seq_len, seed, batch_size)
+            wins = sample_windows(model, start_token(tokenizer), count, seq_len, seed, chains)
         finally:
             del model
         if path is not None:
