@@ -59,7 +59,8 @@ def main() -> None:
     recipe = Recipe(n_sentences=args.windows, self_calibration=1.0, seq_len=args.seq_len, device="cpu")
     estimate = self_calibration_time(recipe, ModelSource(model)) if args.chains == CHAINS else math.nan
 
-    print(f"{args.model}: {args.windows} windows x {args.seq_len} tokens ({tokens} tokens), batch {args.batch_size}, {args.chains} chains")
+    print(f"{args.model}: {args.windows} windows x {args.seq_len} tokens ({tokens} tokens), "
+          f"batch {args.batch_size}, {args.chains} chains")
     print(f"{'':28s} {'tokens/s':>10s} {'seconds':>9s} {'peak RSS +GiB':>14s} {'x forward':>10s}")
     print(f"{'plain forward pass':28s} {tokens / plain:10.0f} {plain:9.2f} {rss_plain:14.3f} {1.0:10.2f}")
     print(f"{'sampling (temperature 1)':28s} {tokens / sample:10.0f} {sample:9.2f} {rss_sample:14.3f} "
