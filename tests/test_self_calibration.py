@@ -189,3 +189,16 @@ def test_the_calibrate_api_samples_from_the_model_in_memory(tokenizer, text_file
     stats = calibrate(loaded, settings, ["frequency"], progress=False)
     assert stats.meta["windows"] == [4, 16]
     assert stats.meta["calibration"].endswith("+ 2 windows sampled from the model (temperature 1, seed 0)")
+
+
+def test_the_samples_do_not_depend_on_the_evaluation_batch(tokenizer):
+    """The chain count changes the samples, so it is fixed (``CHAINS``), not the recipe's ``eval_batch_size``."""
+    from moemerge.calibrate.self_text import CHAINS
+    from moemerge.pipeline import self_sampler
+
+    model = make_model("mixtral", vocab_size=len(tokenizer))
+    drawn = [self_sampler(moemerge.Recipe(self_calibration=1.0, eval_batch_size=b, cache=False), tokenizer, "fp",
+                          None, model=model)(CHAINS + 2, 6, 0) for b in (2, 32)]
+    assert torch.equal(drawn[0], drawn[1])
+    start = start_token(tokenizer)
+    assert (drawn[0][:CHAINS, 0] == start).all() and not (drawn[0][CHAINS:, 0] == start).all()
