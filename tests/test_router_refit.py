@@ -262,7 +262,7 @@ def test_block_fit_cost_estimate_scales_with_the_shapes():
             down_proj = torch.empty(8, 4096, 14336, device="meta")
 
     cpu = block_fit_seconds(300, [View], top_k=2, device="cpu")
-    assert 86400 < cpu < 7 * 86400  # days for one layer on two CPU cores (16384 tokens: the memory cut here)
+    assert 12 * 3600 < cpu < 3 * 86400  # about a day for one layer on two CPU cores (16384 tokens: the memory cut)
     assert block_fit_seconds(300, [View], top_k=2, device="cuda") < cpu / 100
     assert block_fit_seconds(600, [View, View], top_k=2, device="cpu") == 4 * cpu
 

@@ -47,9 +47,9 @@ def resolve_device(name: str | None) -> str:
     return name
 
 
-#: Sustained fp32 throughput (flop/s) the time estimates assume (block fit, self-calibration sampling): ~5.5e10
-#: measured on the bundled tiny-mixtral and ~1.8e10 at Qwen1.5-MoE's shapes on the 2-core CI machine
-#: (``benchmarks/bench_router_fit.py``), the lower kept; CUDA: a data-centre GPU's fp32 rate.
+#: Sustained throughput (flop/s) the self-calibration estimate assumes for a model's own forward passes, in its own
+#: dtype: kept low on CPU, where bf16 matmuls are several times slower than fp32 ones (the block fit, always fp32, has
+#: its own rates: :data:`~moemerge.save.router_refit.BLOCK_RATES`); CUDA: a data-centre GPU's fp32 rate.
 FLOPS = {"cpu": 2e10, "cuda": 2e13}
 
 

@@ -73,7 +73,6 @@ import torch
 
 from ..errors import MoemergeError
 from ..families import MoeLayer, Routing, expert_intermediate
-from ..loading import device_flops
 from ..merge.fit import DAMP, DAMP_GRID, WindowAware, even_share, held_out_tokens
 
 LOG = logging.getLogger(__name__)
@@ -105,6 +104,12 @@ BLOCK_PATIENCE = 5
 #: ``block_fit_steps``: largest fp32 copy of a layer's merged experts and router with their gradients and Adam's two
 #: moments (16 bytes a parameter); a larger layer is not block-fitted (logged).
 BLOCK_BYTES = 16 * 2**30
+#: ``block_fit_steps``' cost per device for :func:`block_fit_seconds`: fp32 flop/s of the experts' matmuls (the fit
+#: runs in fp32 whatever the checkpoint's dtype) and seconds per fitted parameter per step (Adam's moments, the
+#: gradient, the best copy: memory-bound). CPU: measured on 2 cores by ``benchmarks/bench_block_fit_step.py``,
+#: 0.9–1.7e11 flop/s (narrow experts the slower) and 12–15 ns per parameter; CUDA: a data-centre GPU's fp32 rate and
+#: bandwidth, not measured.
+BLOCK_RATES = {"cpu": (1e11, 1.5e-8), "cuda": (2e13, 1e-10)}
 
 
 def spread_tokens(windows: torch.Tensor | None, num_tokens: int, share: float) -> torch.Tensor:
@@ -338,16 +343,21 @@ def refit_downs(layer: MoeLayer, hidden: torch.Tensor, target: torch.Tensor, hel
 def block_fit_seconds(steps: int, layers, top_k: int, device: str, tokens: int = MAX_TOKENS,
                       held_out: float = 0.25) -> float:
     """Rough time of ``steps`` of :func:`fit_block` over MoE ``layers`` (views) on ``device`` with a refit sample of
-    ``tokens`` (cut per layer as :func:`sample_tokens` cuts it): a step is a forward and a backward pass (≈ 3
-    forwards) of the top-k experts on the fitted tokens, ``2·3·H·I`` flops per token and expert in each forward.
-    300 steps on 8192 tokens: ~2 min per layer for the bundled models, ~2 days per layer on 2 CPU cores at
-    Mixtral-8x7B's shapes, ~4 min on a GPU."""
-    flops = 0
+    ``tokens`` (cut per layer as :func:`sample_tokens` cuts it). A step is a forward and a backward pass (≈ 3
+    forwards) of the top-k experts on the fitted tokens, ``2·3·H·I`` flops per token and expert in each forward, at
+    :data:`BLOCK_RATES`' fp32 rate, plus Adam's pass over every fitted parameter (memory-bound). 300 steps: ~1.5 min
+    per layer for the bundled models on 2 CPU cores (24576 fitted tokens), ~1 day per layer at Mixtral-8x7B's shapes
+    (12288 fitted of 16384 sampled: the memory cut), ~7 min on a GPU. Every step is counted: the held-out checks may
+    stop the fit sooner."""
+    rate, per_parameter = BLOCK_RATES["cuda" if str(device).startswith("cuda") else "cpu"]
+    seconds = 0.0
     for v in layers:
         num_experts, hidden_size = (int(d) for d in v.experts.down_proj.shape[:2])
         fitted = sample_tokens(tokens, num_experts, hidden_size, log=False) * (1 - held_out) * top_k
-        flops += 3 * 2 * fitted * 3 * hidden_size * v.intermediate_size
-    return steps * flops / device_flops(device)  # the fixed evaluations are counted as steps
+        flops = 3 * 2 * fitted * 3 * hidden_size * v.intermediate_size
+        parameters = num_experts * 3 * hidden_size * v.intermediate_size
+        seconds += flops / rate + parameters * per_parameter
+    return steps * seconds  # the fixed evaluations are counted as steps
 
 
 def block_output(rows: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, hidden: torch.Tensor,
@@ -360,11 +370,14 @@ def block_output(rows: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, 
     if slots is not None:
         index = slots[index]
     out = hidden.new_zeros(hidden.shape[0], down.shape[1])
-    for g in range(down.shape[0]):
+    # unbind once: a slice per expert (gate_up[g]) would make its backward write a zero gradient the size of all the
+    # experts for every expert, G times the parameters' memory traffic per step (19.8 → 6.3 s a step at Qwen1.5-MoE's
+    # 30 merged experts, benchmarks/bench_block_fit_step.py)
+    for g, (gate_up_g, down_g) in enumerate(zip(gate_up.unbind(0), down.unbind(0))):
         tokens, w = _chosen(weights, index, g)
         if tokens.numel():
-            h = expert_intermediate(hidden[tokens], gate_up[g:g + 1], act_fn)[0]
-            out = out.index_add(0, tokens, w[:, None] * (h @ down[g].T))
+            h = expert_intermediate(hidden[tokens], gate_up_g[None], act_fn)[0]
+            out = out.index_add(0, tokens, w[:, None] * (h @ down_g.T))
     return out
 
 
