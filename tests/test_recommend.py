@@ -126,7 +126,8 @@ def test_a_block_fit_too_slow_for_the_device_is_not_compared_unless_named(model_
     slow = next(t for t in trials if t.name == "moemerge+bfit")
     assert slow.error.startswith("block fit would take about") and "--candidates" in slow.error
     trials, winners = rec.recommend(str(model_dirs["mixtral"]), base, ["moemerge+bfit"])
-    assert trials[0].error is None and trials[0].trial_recipe.block_fit_steps == 300
+    steps = rec.CANDIDATES["moemerge+bfit"]["block_fit_steps"]
+    assert trials[0].error is None and trials[0].trial_recipe.block_fit_steps == steps
 
 
 def test_a_trial_scores_more_texts_in_the_same_walk(model_dirs, text_file):

@@ -55,13 +55,13 @@ CANDIDATES: dict[str, dict] = {
     "hc-smoe+fit+seq": {"preset": "hc-smoe", "merge": "fit", "sequential": True},
     "hc-smoe+fit+rfit": {"preset": "hc-smoe", "merge": "fit", "router_fit": True},
     "moemerge+rfit": {"preset": "moemerge", "router_fit": True},
-    "hc-smoe+fit+bfit": {"preset": "hc-smoe", "merge": "fit", "router_fit": True, "block_fit_steps": 300},
-    "moemerge+bfit": {"preset": "moemerge", "router_fit": True, "block_fit_steps": 300},
+    "hc-smoe+fit+bfit": {"preset": "hc-smoe", "merge": "fit", "router_fit": True, "block_fit_steps": 600},
+    "moemerge+bfit": {"preset": "moemerge", "router_fit": True, "block_fit_steps": 600},
 }
 
 #: candidates with ``block_fit_steps`` estimated to take longer than this (seconds) are left out unless named. The
-#: estimate counts every step; the held-out checks stop the fit sooner: on the bundled models, with the 32768-token
-#: refit sample, 29 min estimated against about 10 min measured for the whole walk on 2 cores.
+#: estimate counts every step (the held-out checks may stop the fit sooner): on the bundled models, 600 steps on the
+#: 32768-token refit sample, 12 min estimated against 7–8 min measured for the fit on 2 cores (9–11 min the walk).
 BLOCK_FIT_LIMIT_S = 1800
 
 #: ``--format`` -> the ``router`` a merge candidate is written with
