@@ -174,8 +174,12 @@ def main() -> None:
             if share and float(share) == 1:
                 name, _, fmt = body.partition("@")
                 print(f"[{Path(model).name} {row}: no calibration text, scored on every domain]", flush=True)
-                text_free[row] = run_rows(model, ckpt, [name], groups, fmt or "mapped", str(next(iter(train.values()))),
-                                          next(iter(held_by.values())), args, 1.0, more=held_by)[0]
+                first = next(iter(held_by))  # scored as the held-out text; the others in the same walk
+                t = run_rows(model, ckpt, [name], groups, fmt or "mapped", str(next(iter(train.values()))),
+                             held_by[first], args, 1.0, more={d: w for d, w in held_by.items() if d != first})[0]
+                if t.error is None:
+                    t.ratios_on = {first: t.ppl_ratio, **t.ratios_on}
+                text_free[row] = t
                 record.append({"model": Path(model).name, "block": "no text", "ratios_on": text_free[row].ratios_on,
                                **text_free[row].to_json()})
         for cal_domain, cal_file in train.items():
