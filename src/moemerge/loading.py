@@ -53,9 +53,14 @@ def resolve_device(name: str | None) -> str:
 FLOPS = {"cpu": 2e10, "cuda": 2e13}
 
 
+def device_kind(device: str | torch.device) -> str:
+    """The key of the time estimates' rate tables for ``device``: ``cuda`` for ``cuda``/``cuda:N``, else ``cpu``."""
+    return "cuda" if str(device).startswith("cuda") else "cpu"
+
+
 def device_flops(device: str) -> float:
-    """:data:`FLOPS` for ``device`` (``cuda``, ``cuda:N`` or anything else, counted as CPU)."""
-    return FLOPS["cuda" if str(device).startswith("cuda") else "cpu"]
+    """:data:`FLOPS` for ``device`` (:func:`device_kind`)."""
+    return FLOPS[device_kind(device)]
 
 
 def ships_moemerge_code(config_path: Path) -> bool:

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from ..errors import MoemergeError
-from ..loading import device_flops
+from ..loading import device_flops, device_kind
 
 LOG = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def sampling_seconds(count: int, seq_len: int, active_parameters: int, weight_by
     all of them; whichever bound is larger, plus a fixed cost per step. Qwen1.5-MoE-A2.7B (14.3 B parameters, 2.7 B
     active, bf16), 16 windows of 2048 tokens: ~2.5 h on CPU, ~1 min on a GPU; the bundled models: seconds."""
     flops = device_flops(device)
-    bandwidth, fixed = RATES["cuda" if str(device).startswith("cuda") else "cpu"]
+    bandwidth, fixed = RATES[device_kind(device)]
     windows_per_chain = -(-count // chain_count(count, chains))
     steps = seq_len - 1 + (windows_per_chain - 1) * (seq_len - carried(seq_len))  # decoding steps of one chain
     return steps * fixed + max(2 * active_parameters * count * seq_len / flops, steps * weight_bytes / bandwidth)

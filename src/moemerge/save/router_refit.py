@@ -73,6 +73,7 @@ import torch
 
 from ..errors import MoemergeError
 from ..families import MoeLayer, Routing, expert_intermediate
+from ..loading import device_kind
 from ..merge.fit import DAMP, DAMP_GRID, WindowAware, even_share, held_out_tokens
 
 LOG = logging.getLogger(__name__)
@@ -349,7 +350,7 @@ def block_fit_seconds(steps: int, layers, top_k: int, device: str, tokens: int =
     per layer for the bundled models on 2 CPU cores (24576 fitted tokens), ~1 day per layer at Mixtral-8x7B's shapes
     (12288 fitted of 16384 sampled: the memory cut), ~7 min on a GPU. Every step is counted: the held-out checks may
     stop the fit sooner."""
-    rate, per_parameter = BLOCK_RATES["cuda" if str(device).startswith("cuda") else "cpu"]
+    rate, per_parameter = BLOCK_RATES[device_kind(device)]
     seconds = 0.0
     for v in layers:
         num_experts, hidden_size = (int(d) for d in v.experts.down_proj.shape[:2])
